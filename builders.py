@@ -1,0 +1,95 @@
+"""Turning a validated config into the objects a run needs: tokenizer, dataloaders, models, wandb."""
+import netrc
+import os
+from typing import Optional, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import dataloader
+from checkpoints import load_weights
+from configuration import resolve_class, resolve_path
+from distributed import rank0_print
+from models import grow_embeddings, load_causal_lm
+
+DATALOADER_KWARG_KEYS = ("frac_unique_desirable", "frac_unique_undesirable")
+
+
+def build_dataloader(config: DictConfig, tokenizer, split: str, batch_size: int, n_epochs: Optional[int],
+                     n_examples: Optional[int]) -> dataloader.DataLoader:
+    """The loss's dataloader class (loss.dataloader) over config.datasets for one split."""
+    loader_cls = resolve_class(config.loss.dataloader, "dataloader")
+    return loader_cls(
+        list(config.datasets), tokenizer, split=split, batch_size=batch_size,
+        max_length=config.model.max_length, max_prompt_length=config.model.max_prompt_length,
+        n_epochs=n_epochs, n_examples=n_examples,
+        human_prefix=config.human_prefix, human_suffix=config.human_suffix,
+        assistant_prefix=config.assistant_prefix, assistant_suffix=config.assistant_suffix,
+        seed=config.seed, local_datasets=OmegaConf.to_container(config.local_datasets),
+        chosen_control_token=config.loss.get("chosen_control_token"),
+        rejected_control_token=config.loss.get("rejected_control_token"),
+        **{key: config[key] for key in DATALOADER_KWARG_KEYS})
+
+
+def build_train_and_eval_loaders(config: DictConfig, tokenizer) -> Tuple[dataloader.DataLoader, dataloader.DataLoader]:
+    train = build_dataloader(config, tokenizer, "train", config.model.batch_size, config.n_epochs, config.n_examples)
+    # n_eval_examples=null means one full pass over the test split.
+    eval_epochs = 1 if config.n_eval_examples is None else None
+    evaluation = build_dataloader(config, tokenizer, "test", config.model.eval_batch_size, eval_epochs,
+                                  config.n_eval_examples)
+    return train, evaluation
+
+
+def build_models(config: DictConfig, device: torch.device, vocab_size: int
+                 ) -> Tuple[torch.nn.Module, Optional[torch.nn.Module]]:
+    """Policy and (if the loss uses one) reference model, both starting from model.load_from when it is set.
+
+    Embeddings grow to `vocab_size` (the tokenizer's length, which includes any control tokens) before loading,
+    so checkpoints of csft runs load into them.
+    """
+    policy = load_causal_lm(config.model, config.model.policy_dtype, config.seed)
+    reference = load_causal_lm(config.model, config.model.reference_dtype, config.seed) \
+        if config.loss.use_reference_model else None
+    for model in filter(None, (policy, reference)):
+        grow_embeddings(model, vocab_size)
+    if config.model.load_from is not None:
+        path = resolve_path(str(config.model.load_from), config.cache_dir)
+        for model in filter(None, (policy, reference)):
+            info = load_weights(model, path)
+        rank0_print(f"loaded weights from {path} (trained on {info['step_idx']} examples; metrics {info['metrics']})")
+    if reference is not None:
+        reference.requires_grad_(False).eval()
+    return policy.to(device), (reference.to(device) if reference is not None else None)
+
+
+def wandb_mode() -> str:
+    """online with a stored login, offline without one (runs never fail for lack of a wandb account).
+
+    An explicit WANDB_MODE in the environment wins.
+    """
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        has_login = netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        has_login = False
+    return "online" if has_login else "offline"
+
+
+def init_wandb(config: DictConfig) -> bool:
+    """Starts the wandb run on the main process; returns whether metrics should be logged."""
+    if not config.wandb.enabled or config.debug:
+        return False
+    import wandb
+
+    mode = wandb_mode()
+    os.makedirs(config.cache_dir, exist_ok=True)
+    os.environ.setdefault("WANDB_CACHE_DIR", config.cache_dir)
+    wandb.init(entity=config.wandb.entity, project=config.wandb.project, name=config.exp_name, mode=mode,
+               dir=config.cache_dir, config=OmegaConf.to_container(config, resolve=True))
+    if mode == "offline":
+        rank0_print(f"wandb: no login found, logging offline under {config.cache_dir}/wandb "
+                    "(upload later with `wandb sync`)")
+    return True

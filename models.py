@@ -1,0 +1,84 @@
+"""Building the policy, reference model and tokenizer from a `model` config."""
+import os
+from typing import Any, Callable, List, Sequence
+
+import torch
+from omegaconf import DictConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from hub import hub_reachable
+from utils import HalosError, disable_dropout
+
+
+class ModelLoadError(HalosError):
+    """A model or tokenizer that cannot be loaded (unreachable hub, bad path)."""
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(var, "").lower() in ("1", "true", "yes") for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def from_pretrained(load: Callable[..., Any], name_or_path: str, key: str, **kwargs) -> Any:
+    """Calls a Hugging Face `from_pretrained` with a fast, readable failure when the hub is out of reach.
+
+    Local directories load directly. For hub ids the hub is probed first (a few seconds at most); if it is
+    unreachable only the local Hugging Face cache is tried, instead of waiting through long network retries.
+    """
+    if not os.path.isdir(name_or_path) and (_hub_offline() or not hub_reachable()):
+        kwargs["local_files_only"] = True
+    try:
+        return load(name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "" if os.path.isdir(name_or_path) else " (the hub is unreachable and it is not in the local cache)" \
+            if kwargs.get("local_files_only") else ""
+        raise ModelLoadError(f"cannot load {key}='{name_or_path}'{where}: {reason}") from None
+
+
+def load_tokenizer(model_config: DictConfig, control_tokens: Sequence[str] = ()) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; models without a pad token pad with EOS (padding is always masked out).
+
+    `control_tokens` (csft's <|good|>/<|bad|>) are added as special tokens so each encodes to one id.
+    """
+    name = model_config.tokenizer_name_or_path or model_config.name_or_path
+    key = "model.tokenizer_name_or_path" if model_config.tokenizer_name_or_path else "model.name_or_path"
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name, key)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = tokenizer.eos_token_id
+    if control_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(control_tokens)})
+    return tokenizer
+
+
+def control_tokens(loss_config: DictConfig) -> List[str]:
+    """The loss's control tokens (csft), or none."""
+    return [t for t in (loss_config.get("chosen_control_token"), loss_config.get("rejected_control_token")) if t]
+
+
+def load_causal_lm(model_config: DictConfig, dtype: str, seed: int) -> PreTrainedModel:
+    """A causal LM in `dtype` with dropout disabled.
+
+    With `model.from_config` the architecture comes from name_or_path's config.json and the weights are random,
+    drawn from a generator seeded with `seed`: the policy and reference model built this way are identical.
+    """
+    kwargs = dict(dtype=getattr(torch, dtype),
+                  attn_implementation="flash_attention_2" if model_config.use_flash_attention else "sdpa")
+    if model_config.from_config:
+        config = from_pretrained(AutoConfig.from_pretrained, model_config.name_or_path, "model.name_or_path")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+    else:
+        model = from_pretrained(AutoModelForCausalLM.from_pretrained, model_config.name_or_path,
+                                "model.name_or_path", **kwargs)
+    disable_dropout(model)
+    return model
+
+
+def grow_embeddings(model: PreTrainedModel, vocab_size: int) -> None:
+    """Grows the embedding matrix to `vocab_size` rows for added tokens.
+
+    Never shrinks: many models pad their vocabulary past the tokenizer's size (the original shrank Pythia's).
+    """
+    if vocab_size > model.get_input_embeddings().weight.size(0):
+        model.resize_token_embeddings(vocab_size)

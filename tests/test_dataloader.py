@@ -1,0 +1,488 @@
+"""Tests for dataloader.py: tokenisation, truncation, collate, and every DataLoader's batches.
+
+Toy datasets are registered as `get_<name>` functions in the dataloader module, exactly as a user would
+add one. Expected token ids are built by encoding the pieces separately with the shipped tiny tokenizer
+(BOS id 0 prepended, EOS id 1, pad = EOS).
+"""
+
+import copy
+import logging
+import pickle
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import dataloader
+from dataloader import (CHOSEN_KEYS, KL_KEYS, PROMPT_KEYS, REJECTED_KEYS, TARGET_KEYS, ConditionalSFTDataLoader,
+                        DataError, Dataset, Example, PairedPreferenceDataLoader, PrefUnaryDataLoader,
+                        ScoreUnaryDataLoader, SFTDataLoader, SimpleKTODataLoader, UnpairedPreferenceDataLoader)
+
+REPO = Path(__file__).resolve().parent.parent
+BOS, EOS = 0, 1
+IGNORE = -100
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = AutoTokenizer.from_pretrained(REPO / "assets" / "tiny-llama")
+    tok.pad_token_id = tok.eos_token_id
+    assert (tok.bos_token_id, tok.eos_token_id) == (BOS, EOS)
+    return tok
+
+
+def raw_ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_of(k):
+    return f"\n<|user|>\nquestion number {k}\n<|assistant|>\n"
+
+
+def paired_example(k, name="toy", **fields):
+    return Example(prompt=prompt_of(k), generations=[f"good answer {k}", f"bad answer {k}"], pairs=[(0, 1)],
+                   sft_index=0, dataset_name=name, **fields)
+
+
+def binary_example(k, desirable, name="toy"):
+    return Example(prompt=prompt_of(k), generations=[f"lone answer {k}"], desirable=[desirable],
+                   sft_index=0 if desirable else None, dataset_name=name)
+
+
+def register(monkeypatch, name, examples):
+    """Adds get_<name> to the dataloader module, as a user adding a dataset would."""
+    def get_dataset(split, human_prefix, human_suffix, assistant_prefix, assistant_suffix):
+        dataset = Dataset(name)
+        for example in examples:
+            dataset.data[example.prompt] = example
+        return dataset
+    monkeypatch.setattr(dataloader, f"get_{name}", get_dataset, raising=False)
+
+
+def make_loader(cls, tokenizer, names=("toy",), **overrides):
+    kwargs = dict(batch_size=2, n_epochs=1, max_length=64, max_prompt_length=32)
+    kwargs.update(overrides)
+    return cls(list(names), tokenizer, **kwargs)
+
+
+def unpadded(row_ids, row_mask):
+    return row_ids[row_mask.bool()].tolist()
+
+
+# --------------------------------------------------------------------------------------- tokenisation
+
+
+def test_tokenize_concatenates_prompt_and_response_ids(tokenizer):
+    prompt, generation = "\n<|user|>\nhi there\n<|assistant|>\n", "Hello, friend."
+    prompt_ids = [BOS] + raw_ids(tokenizer, prompt)
+    response_ids = raw_ids(tokenizer, generation) + [EOS]
+
+    element = dataloader.tokenize_batch_element(prompt, generation, "keep_end", tokenizer, 64, 32)
+
+    assert element["prompt_input_ids"] == prompt_ids
+    assert element["target_input_ids"] == response_ids
+    assert element["target_combined_input_ids"] == prompt_ids + response_ids
+    assert element["target_labels"] == [IGNORE] * len(prompt_ids) + response_ids
+    assert element["target_combined_attention_mask"] == [1] * (len(prompt_ids) + len(response_ids))
+    assert (element["prompt_text"], element["target_text"]) == (prompt, generation)  # no ' ' + EOS tail (F-10)
+    assert element["target_combined_text"] == prompt + generation
+    assert not element["prompt_truncated"] and not element["target_truncated"]
+
+
+def test_long_prompt_is_kept_when_everything_fits(tokenizer):
+    prompt = "one two three four five six seven eight nine ten"
+    element = dataloader.tokenize_batch_element(prompt, "ok", "keep_end", tokenizer, 64, 4)
+    assert element["prompt_input_ids"] == [BOS] + raw_ids(tokenizer, prompt)
+    assert not element["prompt_truncated"]
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_prompt_truncation_modes(tokenizer, mode):
+    prompt = "one two three four five six seven eight nine ten"
+    full = [BOS] + raw_ids(tokenizer, prompt)
+    response = raw_ids(tokenizer, "fine") + [EOS]
+    max_prompt_length = 5
+    assert len(full) > max_prompt_length
+
+    element = dataloader.tokenize_batch_element(prompt, "fine", mode, tokenizer, len(full), max_prompt_length)
+
+    # keep_end spends one of the 5 slots on BOS and keeps the last 4 prompt tokens
+    expected = full[:5] if mode == "keep_start" else [BOS] + full[-4:]
+    assert element["prompt_input_ids"] == expected
+    assert element["target_combined_input_ids"] == expected + response
+    assert element["target_labels"] == [IGNORE] * 5 + response
+    assert element["prompt_truncated"] and not element["target_truncated"]
+
+
+def test_truncate_prompt_keep_end_without_bos():
+    assert dataloader.truncate_prompt([5, 6, 7, 8], "keep_end", 2, bos_token_id=None) == [7, 8]
+    assert dataloader.truncate_prompt([5, 6, 7, 8], "keep_end", 2, bos_token_id=5) == [5, 8]
+    assert dataloader.truncate_prompt([5, 6, 7, 8], "keep_end", 1, bos_token_id=5) == [5]
+
+
+def test_truncated_response_loses_eos(tokenizer):
+    prompt, generation = "Q:", "a rather long answer that will not fit at all"
+    prompt_ids = [BOS] + raw_ids(tokenizer, prompt)
+    kept = raw_ids(tokenizer, generation)[:4]
+
+    element = dataloader.tokenize_batch_element(prompt, generation, "keep_end", tokenizer,
+                                                len(prompt_ids) + 4, len(prompt_ids))
+
+    assert element["target_combined_input_ids"] == prompt_ids + kept  # exactly max_length, no EOS
+    assert element["target_labels"] == [IGNORE] * len(prompt_ids) + kept
+    assert element["target_text"] == tokenizer.decode(kept)
+    assert element["target_truncated"] and not element["prompt_truncated"]
+
+
+def test_prompt_without_room_for_a_response_is_an_error(tokenizer):
+    prompt = "one two three four five six seven eight nine ten"
+    with pytest.raises(DataError, match=r"dataset 'toy'.*'one two three.*max_length=4"):
+        dataloader.tokenize_batch_element(prompt, "x", "keep_start", tokenizer, 4, 6, dataset_name="toy")
+
+
+def test_unknown_truncation_mode_is_an_error(tokenizer):
+    with pytest.raises(DataError, match="truncation_mode.*'keep_middle'"):
+        dataloader.tokenize_batch_element("p", "g", "keep_middle", tokenizer, 64, 32, dataset_name="toy")
+
+
+def test_trailing_eos_of_prompt_is_dropped():
+    class EosAppendingTokenizer:
+        eos_token_id = 9
+
+        def __call__(self, text):
+            return {"input_ids": [4, 5, 9]}
+
+    assert dataloader.encode_prompt("anything", EosAppendingTokenizer()) == [4, 5]
+
+
+def test_responses_of_one_element_share_the_truncated_prompt(tokenizer):
+    prompt = "one two three four five six seven eight nine ten"
+    full = [BOS] + raw_ids(tokenizer, prompt)
+    element = dataloader.tokenize_element(prompt, {"chosen": "ok", "rejected": "a much longer rejected answer"},
+                                          "keep_start", tokenizer, len(full) + 2, 6)
+    assert element["prompt_input_ids"] == full[:6]
+    assert element["chosen_combined_input_ids"][:6] == element["rejected_combined_input_ids"][:6] == full[:6]
+
+
+# --------------------------------------------------------------------------------------------- collate
+
+
+def test_collate_pads_prompts_left_and_the_rest_right():
+    batch = [
+        {"prompt_input_ids": [0, 5], "prompt_attention_mask": [1, 1], "target_combined_input_ids": [0, 5, 7],
+         "target_labels": [IGNORE, IGNORE, 7], "target_text": "a", "target_truncated": False},
+        {"prompt_input_ids": [0, 5, 6, 8], "prompt_attention_mask": [1, 1, 1, 1],
+         "target_combined_input_ids": [0, 5, 6, 8, 9], "target_labels": [IGNORE] * 4 + [9], "target_text": "b",
+         "target_truncated": True},
+    ]
+    out = dataloader.collate(batch, pad_token_id=3)
+    assert torch.equal(out["prompt_input_ids"], torch.tensor([[3, 3, 0, 5], [0, 5, 6, 8]]))
+    assert torch.equal(out["prompt_attention_mask"], torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]))
+    assert torch.equal(out["target_combined_input_ids"], torch.tensor([[0, 5, 7, 3, 3], [0, 5, 6, 8, 9]]))
+    assert torch.equal(out["target_labels"], torch.tensor([[IGNORE, IGNORE, 7, IGNORE, IGNORE], [IGNORE] * 4 + [9]]))
+    assert out["target_labels"].dtype == torch.long
+    assert out["target_text"] == ["a", "b"] and out["target_truncated"] == [False, True]
+
+
+def test_collate_needs_a_pad_token():
+    with pytest.raises(ValueError, match="pad token"):
+        dataloader.collate([{"prompt_input_ids": [1]}], pad_token_id=None)
+
+
+# ------------------------------------------------------------------------------------ loaders: batches
+
+def keys_of(*groups):
+    return {key for group in groups for key in group}
+
+
+LOADER_KEYS = {
+    SFTDataLoader: keys_of(PROMPT_KEYS, TARGET_KEYS, ["original_prompt"]),
+    ConditionalSFTDataLoader: keys_of(PROMPT_KEYS, TARGET_KEYS, ["status"]),
+    SimpleKTODataLoader: keys_of(PROMPT_KEYS, TARGET_KEYS, ["status"]),
+    UnpairedPreferenceDataLoader: keys_of(PROMPT_KEYS, TARGET_KEYS, KL_KEYS, ["status", "truncation_mode"]),
+    ScoreUnaryDataLoader: keys_of(PROMPT_KEYS, TARGET_KEYS, KL_KEYS, ["status", "truncation_mode"]),
+    PrefUnaryDataLoader: keys_of(PROMPT_KEYS, TARGET_KEYS, KL_KEYS, ["status", "truncation_mode"]),
+    PairedPreferenceDataLoader: keys_of(PROMPT_KEYS, CHOSEN_KEYS, REJECTED_KEYS),
+}
+
+
+@pytest.mark.parametrize("cls", list(LOADER_KEYS), ids=lambda cls: cls.__name__)
+def test_loader_batch_keys_and_shapes(tokenizer, monkeypatch, cls):
+    register(monkeypatch, "toy", [paired_example(k, scores=[3, 1]) for k in range(6)])
+    loader = make_loader(cls, tokenizer, batch_size=4, chosen_control_token="<good>", rejected_control_token="<bad>")
+    batch = next(iter(loader))
+
+    assert set(batch) == LOADER_KEYS[cls]
+    for key, value in batch.items():
+        assert len(value) == 4, key
+        if key.endswith("_input_ids"):
+            mask = batch[key.replace("_input_ids", "_attention_mask")]
+            assert value.shape == mask.shape and value.dim() == 2, key
+    for side in {k[:-len("_labels")] for k in batch if k.endswith("_labels")}:
+        assert batch[f"{side}_labels"].shape == batch[f"{side}_combined_input_ids"].shape
+
+
+def test_sft_skips_prompts_without_target_and_keeps_original_prompt(tokenizer, monkeypatch):
+    examples = [binary_example(0, True), binary_example(1, False), binary_example(2, True)]
+    examples[0].original_prompt = "question number 0"
+    register(monkeypatch, "toy", examples)
+    loader = make_loader(SFTDataLoader, tokenizer, batch_size=1)
+    batches = list(loader)
+    assert loader.examples_per_epoch == 2
+    assert sorted(b["target_text"][0] for b in batches) == ["lone answer 0", "lone answer 2"]
+    assert sorted(b["original_prompt"][0] for b in batches) == ["", "question number 0"]
+
+
+@pytest.mark.parametrize("n_epochs, n_examples, expected_batches", [
+    (3, None, 6),     # 5 prompts, batch 2: 2 full batches per epoch, the 5th prompt dropped
+    (None, 5, 3),     # ceil(5 / 2) batches, running into a second epoch
+    (1, 100, 2),      # whichever limit comes first
+    (4, 3, 2),
+])
+def test_epochs_and_examples_limits(tokenizer, monkeypatch, n_epochs, n_examples, expected_batches):
+    register(monkeypatch, "toy", [paired_example(k) for k in range(5)])
+    loader = make_loader(SFTDataLoader, tokenizer, n_epochs=n_epochs, n_examples=n_examples)
+    batches = list(loader)
+    assert len(batches) == expected_batches
+    assert all(len(b["prompt_text"]) == 2 for b in batches)
+    assert loader.examples_per_epoch == 4
+    assert loader.total_examples == 2 * expected_batches
+
+
+def test_each_epoch_visits_distinct_prompts(tokenizer, monkeypatch):
+    register(monkeypatch, "toy", [paired_example(k) for k in range(5)])
+    batches = list(make_loader(SFTDataLoader, tokenizer, n_epochs=2))
+    epochs = [[t for b in batches[i:i + 2] for t in b["prompt_text"]] for i in (0, 2)]
+    assert all(len(set(prompts)) == 4 for prompts in epochs)
+    assert epochs[0] != epochs[1]  # reshuffled every epoch
+
+
+def prompt_order(loader):
+    return [text for batch in loader for text in batch["prompt_text"]]
+
+
+def test_same_seed_gives_identical_batches_independent_of_global_rng(tokenizer, monkeypatch):
+    register(monkeypatch, "toy", [paired_example(k) for k in range(20)])
+    loader = make_loader(PairedPreferenceDataLoader, tokenizer, n_epochs=2, seed=3)
+    random.seed(1)
+    first = list(loader)
+    random.seed(2)
+    second = list(loader)
+    twin = list(pickle.loads(pickle.dumps(make_loader(PairedPreferenceDataLoader, tokenizer, n_epochs=2, seed=3))))
+    for a, b, c in zip(first, second, twin):
+        assert a["prompt_text"] == b["prompt_text"] == c["prompt_text"]
+        assert torch.equal(a["chosen_combined_input_ids"], b["chosen_combined_input_ids"])
+        assert torch.equal(a["chosen_combined_input_ids"], c["chosen_combined_input_ids"])
+    other_seed = make_loader(PairedPreferenceDataLoader, tokenizer, n_epochs=2, seed=4)
+    assert prompt_order(other_seed) != prompt_order(first)
+    assert sorted(prompt_order(other_seed)) == sorted(prompt_order(first))
+
+
+# -------------------------------------------------------------------------- loaders: item construction
+
+
+def statuses(loader):
+    return Counter(status for batch in loader for status in batch["status"])
+
+
+def test_frac_unique_keeps_a_fraction_of_each_class(tokenizer, monkeypatch):
+    register(monkeypatch, "toy", [paired_example(k) for k in range(10)])
+    loader = make_loader(UnpairedPreferenceDataLoader, tokenizer, batch_size=1, frac_unique_desirable=0.3,
+                         frac_unique_undesirable=0.55)
+    assert statuses(loader) == {"chosen": 3, "rejected": 6}  # ceil(10 * 0.55) = 6
+    assert loader.examples_per_epoch == 9
+
+
+def test_unpaired_uses_binary_feedback_flags(tokenizer, monkeypatch):
+    # get_local: once an example has binary feedback, `desirable` labels all its generations, pairs included
+    mixed = Example(prompt=prompt_of(9), generations=["pair good", "pair bad", "extra good"], pairs=[(0, 1)],
+                    desirable=[True, False, True], sft_index=0, dataset_name="toy")
+    register(monkeypatch, "toy", [binary_example(k, desirable=k < 3) for k in range(7)] + [mixed])
+    loader = make_loader(UnpairedPreferenceDataLoader, tokenizer, batch_size=1)
+    texts = [(batch["target_text"][0], batch["status"][0]) for batch in loader]
+    expected = [(f"lone answer {k}", "chosen" if k < 3 else "rejected") for k in range(7)]
+    expected += [("pair good", "chosen"), ("pair bad", "rejected"), ("extra good", "chosen")]
+    assert sorted(texts) == sorted(expected)
+
+
+def test_kl_pairs_prompt_k_with_response_k_plus_1(tokenizer, monkeypatch):
+    register(monkeypatch, "toy", [paired_example(k) for k in range(4)])
+    batch = next(iter(make_loader(UnpairedPreferenceDataLoader, tokenizer, batch_size=4)))
+    for k in range(4):
+        nxt = (k + 1) % 4
+        assert batch["KL_text"][k] == batch["target_text"][nxt]  # the raw response: no extra spaces (F-10)
+        prompt_ids = unpadded(batch["prompt_input_ids"][k], batch["prompt_attention_mask"][k])
+        response_ids = unpadded(batch["target_input_ids"][nxt], batch["target_attention_mask"][nxt])
+        kl_ids = unpadded(batch["KL_combined_input_ids"][k], batch["KL_combined_attention_mask"][k])
+        assert kl_ids == prompt_ids + response_ids
+
+
+def test_simple_kto_interleaves_chosen_and_rejected(tokenizer, monkeypatch):
+    register(monkeypatch, "toy", [paired_example(k) for k in range(6)])
+    batches = list(make_loader(SimpleKTODataLoader, tokenizer, batch_size=4))
+    assert len(batches) == 3
+    assert all(b["status"] == ["chosen", "rejected", "chosen", "rejected"] for b in batches)
+    with pytest.raises(ValueError, match="even batch_size"):
+        make_loader(SimpleKTODataLoader, tokenizer, batch_size=3)
+
+
+def test_csft_control_token_stays_in_the_ids_and_is_masked(tokenizer, monkeypatch):
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|good|>", "<|bad|>"]})
+    good, bad = tok.convert_tokens_to_ids(["<|good|>", "<|bad|>"])
+    register(monkeypatch, "toy", [paired_example(k) for k in range(2)])
+    loader = make_loader(ConditionalSFTDataLoader, tok, batch_size=4, chosen_control_token="<|good|>",
+                         rejected_control_token="<|bad|>")
+    batch = next(iter(loader))
+    for k in range(4):
+        token = good if batch["status"][k] == "chosen" else bad
+        prompt_ids = unpadded(batch["prompt_input_ids"][k], batch["prompt_attention_mask"][k])
+        assert prompt_ids[-1] == token  # appended to the prompt, in the masked region (F-01)
+        combined = batch["target_combined_input_ids"][k].tolist()
+        position = combined.index(token)
+        assert position == len(prompt_ids) - 1 and batch["target_labels"][k, position] == IGNORE
+    with pytest.raises(ValueError, match="chosen_control_token and rejected_control_token"):
+        make_loader(ConditionalSFTDataLoader, tok, chosen_control_token="<|good|>")
+
+
+def test_sft_appends_chosen_control_token(tokenizer, monkeypatch):
+    register(monkeypatch, "toy", [paired_example(0)])
+    batch = next(iter(make_loader(SFTDataLoader, tokenizer, batch_size=1, chosen_control_token=" [good]")))
+    assert batch["prompt_text"] == [prompt_of(0) + " [good]"]
+
+
+def test_paired_loader_shares_the_prompt_and_samples_pairs(tokenizer, monkeypatch):
+    example = Example(prompt=prompt_of(0), generations=["a", "b", "c"], pairs=[(0, 1), (0, 2), (1, 2)],
+                      dataset_name="toy")
+    register(monkeypatch, "toy", [example, paired_example(1)])
+    assert make_loader(PairedPreferenceDataLoader, tokenizer, batch_size=1).examples_per_epoch == 4
+    loader = make_loader(PairedPreferenceDataLoader, tokenizer, batch_size=1, max_prompt_count=1)
+    assert loader.examples_per_epoch == 2
+    assert len(list(loader)) == 2 and len(example.pairs) == 3  # sampled, not mutated
+
+
+def test_paired_loader_rejects_binary_only_data(tokenizer, monkeypatch):
+    register(monkeypatch, "toy", [binary_example(k, True) for k in range(4)])
+    with pytest.raises(DataError, match="paired losses need paired feedback"):
+        make_loader(PairedPreferenceDataLoader, tokenizer)
+
+
+def test_score_unary_reads_score_direction_from_pairs(tokenizer, monkeypatch):
+    upvotes = Example(prompt=prompt_of(0), generations=["top", "mid", "low"], scores=[9, 4, 1], pairs=[(0, 1)],
+                      dataset_name="toy")
+    ranks = Example(prompt=prompt_of(1), generations=["second", "first"], scores=[1, 0], pairs=[(1, 0)],
+                    dataset_name="toy")
+    assert dataloader.best_and_worst(upvotes) == ("top", "low")
+    assert dataloader.best_and_worst(ranks) == ("first", "second")
+    register(monkeypatch, "toy", [upvotes, ranks])
+    batch = next(iter(make_loader(ScoreUnaryDataLoader, tokenizer, batch_size=2)))
+    expected = {(prompt_of(0), "chosen"): "top", (prompt_of(0), "rejected"): "low",
+                (prompt_of(1), "chosen"): "first", (prompt_of(1), "rejected"): "second"}
+    assert batch["status"] == ["chosen", "rejected"] or batch["status"] == ["rejected", "chosen"]
+    for prompt, status, text in zip(batch["prompt_text"], batch["status"], batch["target_text"]):
+        assert text == expected[prompt, status]
+
+
+def test_score_unary_needs_scores(tokenizer, monkeypatch):
+    register(monkeypatch, "toy", [paired_example(k) for k in range(2)])
+    with pytest.raises(DataError, match="needs one score per generation"):
+        make_loader(ScoreUnaryDataLoader, tokenizer)
+
+
+def test_pref_unary_alternates_sides_of_first_pairs(tokenizer, monkeypatch):
+    register(monkeypatch, "toy", [paired_example(k) for k in range(4)])
+    loader = make_loader(PrefUnaryDataLoader, tokenizer, batch_size=1)
+    items = {batch["target_text"][0]: batch["status"][0] for batch in loader}
+    assert Counter(items.values()) == {"chosen": 2, "rejected": 2}
+    assert all(text.startswith("good" if status == "chosen" else "bad") for text, status in items.items())
+
+
+# ------------------------------------------------------------------------------------ loaders: errors
+
+
+def test_too_few_items_for_one_batch_is_an_error(tokenizer, monkeypatch):
+    register(monkeypatch, "toy", [paired_example(k) for k in range(3)])
+    with pytest.raises(DataError, match="3 items.*batch_size=4"):
+        make_loader(SFTDataLoader, tokenizer, batch_size=4, n_examples=10, n_epochs=None)
+
+
+def test_unknown_dataset_lists_available_names(tokenizer, monkeypatch):
+    register(monkeypatch, "toy", [paired_example(0)])
+    with pytest.raises(DataError, match=r"unknown dataset 'nope'.*available:.*\bhh\b.*\bshp\b.*\btoy\b"):
+        make_loader(SFTDataLoader, tokenizer, names=["nope"])
+
+
+def test_iteration_needs_a_stopping_rule_and_known_options(tokenizer, monkeypatch):
+    register(monkeypatch, "toy", [paired_example(0)])
+    with pytest.raises(ValueError, match="n_epochs or n_examples"):
+        make_loader(SFTDataLoader, tokenizer, n_epochs=None)
+    with pytest.raises(TypeError, match="frac_unique_desireable"):
+        make_loader(SFTDataLoader, tokenizer, frac_unique_desireable=0.5)
+
+
+def test_truncation_warning_is_logged_once_per_epoch(tokenizer, monkeypatch, caplog):
+    long_prompt = Example(prompt="word " * 40, generations=["answer " * 40], sft_index=0, dataset_name="toy")
+    register(monkeypatch, "toy", [long_prompt, paired_example(1)])
+    loader = make_loader(SFTDataLoader, tokenizer, n_epochs=2, max_length=40, max_prompt_length=16)
+    with caplog.at_level(logging.WARNING, logger="halos.data"):
+        list(loader)
+    messages = [r.getMessage() for r in caplog.records if r.name == "halos.data"]
+    assert messages == ["toy/train: truncated 1/2 prompts to max_prompt_length=16 (keep_end) "
+                        "and 1/2 responses to fit max_length=40"] * 2
+
+
+def test_no_warning_without_truncation(tokenizer, monkeypatch, caplog):
+    register(monkeypatch, "toy", [paired_example(k) for k in range(2)])
+    with caplog.at_level(logging.WARNING, logger="halos.data"):
+        list(make_loader(PairedPreferenceDataLoader, tokenizer))
+    assert not [r for r in caplog.records if r.name == "halos.data"]
+
+
+# ------------------------------------------------------------------------------------- loading datasets
+
+
+def test_same_prompt_in_two_datasets_is_kept_twice(monkeypatch):
+    register(monkeypatch, "toy", [paired_example(0, name="toy")])
+    register(monkeypatch, "other", [paired_example(0, name="other")])
+    examples = dataloader.load_examples(["toy", "other"], "train", "", "", "", "")
+    assert [e.dataset_name for e in examples] == ["toy", "other"]
+
+
+def test_local_datasets_reach_get_functions_and_get_local(monkeypatch):
+    calls = []
+
+    def get_withpath(split, hp, hs, ap, as_, local_path=None):
+        calls.append(("withpath", local_path))
+        return Dataset("withpath")
+
+    def fake_get_local(path, split, hp, hs, ap, as_, name="local"):
+        calls.append((name, path))
+        return Dataset(name)
+
+    register(monkeypatch, "toy", [])
+    monkeypatch.setattr(dataloader, "get_withpath", get_withpath, raising=False)
+    monkeypatch.setattr(dataloader, "get_local", fake_get_local)
+    dataloader.load_examples(["withpath", "mine"], "train", "", "", "", "",
+                             {"withpath": "a/dir", "mine": "my.jsonl"})
+    assert calls == [("withpath", "a/dir"), ("mine", "my.jsonl")]
+    with pytest.raises(DataError, match="get_toy takes no local_path"):
+        dataloader.load_examples(["toy"], "train", "", "", "", "", {"toy": "x.json"})
+
+
+def test_bundled_hh_data_gives_paired_batches(tokenizer):
+    loader = PairedPreferenceDataLoader(["hh"], tokenizer, split="test", batch_size=4, n_examples=8, max_length=128,
+                                        max_prompt_length=64, local_datasets={"hh": str(REPO / "data" / "hh-rlhf")})
+    batches = list(loader)
+    assert len(batches) == 2 and loader.total_examples == 8
+    for batch in batches:
+        assert all(text.endswith("\n<|assistant|>\n") for text in batch["prompt_text"])
+        for side in ("chosen", "rejected"):
+            ids, labels = batch[f"{side}_combined_input_ids"], batch[f"{side}_labels"]
+            assert ids.shape[0] == 4 and ids.shape[1] <= 128 and (ids[:, 0] == BOS).all()
+            prompt_lengths = batch["prompt_attention_mask"].sum(dim=1)
+            for row in range(4):
+                n_prompt = int(prompt_lengths[row])
+                assert (labels[row, :n_prompt] == IGNORE).all() and labels[row, n_prompt] != IGNORE

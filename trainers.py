@@ -1,0 +1,418 @@
+"""Trainers: `BasicTrainer` owns the loop (evaluation, accumulation, clipping, logging, checkpoints); subclasses
+implement `get_batch_metrics` and, through it, their forward pass and loss.
+
+Add a loss by subclassing a trainer, overriding `loss` (a thin call into `losses.py`), and naming the class in a
+`config/loss/NAME.yaml` (see README: "Adding a loss").
+"""
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+import dataloader
+import distributed
+import losses
+from checkpoints import save_checkpoint
+from dataloader import CHOSEN_KEYS, KL_KEYS, REJECTED_KEYS, STATUS_KEY, TARGET_KEYS
+from utils import IGNORE_INDEX, HalosError, formatted_dict, get_batch_logps, pad_to_length
+
+Metrics = Dict[str, torch.Tensor]
+
+
+class TrainingError(HalosError):
+    """Training cannot continue (e.g. a non-finite loss)."""
+
+
+class BasicTrainer:
+    """The training loop shared by every loss.
+
+    Counters: `example_counter` counts training examples (the x-axis of every log and the N of `step-N`
+    checkpoints), `batch_counter` iterator batches (micro-steps), `update_counter` optimizer steps.
+    """
+
+    requires_reference_model = False  # subclasses whose loss needs reference log-probs set this
+    compatible_dataloaders: Tuple[type, ...] = (dataloader.DataLoader,)  # loaders whose batches this trainer reads
+
+    @classmethod
+    def config_problems(cls, config: DictConfig) -> List[str]:
+        """Trainer-specific config checks, run before anything loads; each problem is `key: message`."""
+        from configuration import ConfigError, resolve_class
+
+        problems = []
+        if cls.requires_reference_model and not config.loss.use_reference_model:
+            problems.append(f"loss.use_reference_model: {cls.__name__} needs a reference model; set it to true")
+        try:
+            loader = resolve_class(str(config.loss.dataloader), "dataloader")
+        except ConfigError:
+            return problems  # an unresolvable loss.dataloader is reported by the config check itself
+        if not issubclass(loader, cls.compatible_dataloaders):
+            expected = " or ".join(c.__name__ for c in cls.compatible_dataloaders)
+            problems.append(f"loss.dataloader: {cls.__name__} needs batches from {expected}, not {loader.__name__}")
+        return problems
+
+    def __init__(self, tokenizer, config: DictConfig, train_iterator, eval_iterator, policy: torch.nn.Module,
+                 reference_model: Optional[torch.nn.Module] = None, rank: int = 0, world_size: int = 1,
+                 device: Optional[torch.device] = None, log_to_wandb: bool = False):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.train_iterator = train_iterator
+        self.policy = policy
+        self.reference_model = reference_model
+        self.rank, self.world_size = rank, world_size
+        self.device = device or next(policy.parameters()).device
+        self.log_to_wandb = log_to_wandb
+        self.run_dir = Path(config.local_run_dir)
+        self.is_main = rank == 0
+        self.example_counter = self.batch_counter = self.update_counter = 0
+        # Evaluation reuses the same batches every time, so they are built once.
+        self.eval_batches = list(eval_iterator) if eval_iterator is not None else []
+        distributed.rank0_print(f"Loaded {len(self.eval_batches)} eval batches of size {config.model.eval_batch_size}")
+
+    # --- hooks -----------------------------------------------------------------------------------------------
+
+    def sequence_logps(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       labels: torch.Tensor) -> torch.Tensor:
+        """(B,) summed log-probs of the labelled tokens of (B, T) sequences. No KV cache: training needs none."""
+        logits = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return get_batch_logps(logits, labels)
+
+    def get_batch_metrics(self, batch: Dict, mode: str) -> Tuple[torch.Tensor, Metrics]:
+        """Loss to backpropagate (a scalar: the mean over this rank's examples) and per-example metric tensors.
+
+        Metric values are (n,) tensors for this rank's n examples or 0-dim per-batch values; the loop gathers them
+        across ranks. Keys follow the original: `loss/{mode}`, `logps_{mode}/chosen`, `rewards_{mode}/margins`...
+        """
+        raise NotImplementedError
+
+    # --- loop ------------------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        config = self.config
+        self.optimizer = getattr(torch.optim, config.optimizer)(self.policy.parameters(), lr=config.lr)
+        # Linear warmup from lr/(warmup+1) to lr over warmup_steps optimizer steps, then constant.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1)))
+        accumulation = config.model.gradient_accumulation_steps
+        pending = 0
+        metrics = defaultdict(list)
+        last_log_time = None
+        self.last_eval_metrics, self.last_eval_at = {}, None
+        progress = tqdm(total=self.train_iterator.total_examples, unit="ex", desc="train", disable=not self.is_main)
+        for batch in self.train_iterator:
+            if self.example_counter % config.eval_every == 0 and (self.example_counter > 0 or config.do_first_eval):
+                self.evaluate_and_checkpoint()
+            start = time.time()
+            self.policy.train()
+            local_batch = distributed.slice_batch_for_rank(batch, self.rank, self.world_size, self.device)
+            loss, batch_metrics = self.get_batch_metrics(local_batch, mode="train")
+            self.check_finite(loss)
+            (loss / accumulation).backward()
+            self.record(metrics, batch_metrics)
+            pending += 1
+            if pending == accumulation:
+                metrics["grad_norm"].append(self.optimizer_step())
+                pending = 0
+            batch_size = config.model.batch_size
+            metrics["examples_per_second"].append(batch_size / (time.time() - start))
+            self.batch_counter += 1
+            self.example_counter += batch_size
+            progress.update(batch_size)
+            if pending == 0 and (last_log_time is None or time.time() - last_log_time > config.minimum_log_interval_secs):
+                self.log_train_metrics(metrics, progress)
+                metrics.clear()
+                last_log_time = time.time()
+        progress.close()
+        if pending:
+            distributed.rank0_print(f"warning: the data ended {pending} micro-batches into a gradient accumulation of "
+                                    f"{accumulation}; those gradients were not applied")
+        if self.last_eval_at != self.example_counter:  # the original never evaluated the final policy
+            self.evaluate_and_checkpoint(save_intermediate=False)
+
+    def optimizer_step(self) -> float:
+        grad_norm = self.clip_gradient()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.update_counter += 1
+        return grad_norm
+
+    def clip_gradient(self) -> float:
+        """Clips the policy's gradient norm to model.max_grad_norm and returns the norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.model.max_grad_norm).item()
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            raise TrainingError(f"the training loss became {loss.item()} at example {self.example_counter} "
+                                f"(batch {self.batch_counter}); nothing after the last checkpoint was saved. "
+                                "Lower lr or check the data")
+
+    def record(self, store: Dict[str, list], batch_metrics: Metrics) -> None:
+        """Appends every rank's values of each metric to `store` (floats)."""
+        for key, value in batch_metrics.items():
+            store[key].extend(distributed.all_gather_if_needed(value.detach()).float().reshape(-1).cpu().tolist())
+
+    def log_train_metrics(self, metrics: Dict[str, list], progress: tqdm) -> None:
+        means = {k: sum(v) / len(v) for k, v in metrics.items() if v}
+        means["counters/examples"] = self.example_counter
+        means["counters/updates"] = self.update_counter
+        if self.is_main:
+            progress.set_postfix({k: means[k] for k in ("loss/train", "grad_norm") if k in means})
+            progress.write(f"train stats after {self.example_counter} examples: {formatted_dict(means)}")
+        self.wandb_log(means)
+
+    def evaluate(self) -> Dict[str, float]:
+        """Mean of every metric over all eval batches (gathered over ranks)."""
+        self.policy.eval()
+        store = defaultdict(list)
+        for batch in tqdm(self.eval_batches, desc="eval", leave=False, disable=not self.is_main):
+            local_batch = distributed.slice_batch_for_rank(batch, self.rank, self.world_size, self.device)
+            with torch.no_grad():
+                _, batch_metrics = self.get_batch_metrics(local_batch, mode="eval")
+            self.record(store, batch_metrics)
+        return {k: sum(v) / len(v) for k, v in store.items() if v}
+
+    def evaluate_and_checkpoint(self, save_intermediate: bool = True) -> None:
+        """Evaluates, logs, and (after the first example, if configured) saves a step-<examples> checkpoint."""
+        if self.eval_batches:
+            self.last_eval_metrics = self.evaluate()
+            distributed.rank0_print(f"eval after {self.example_counter} examples: {formatted_dict(self.last_eval_metrics)}")
+            self.wandb_log(self.last_eval_metrics)
+        self.last_eval_at = self.example_counter
+        if save_intermediate and self.example_counter > 0 and self.config.intermediate_checkpoints \
+                and not self.config.debug:
+            self.save(self.run_dir / f"step-{self.example_counter}", self.last_eval_metrics)
+
+    def wandb_log(self, values: Dict[str, float]) -> None:
+        if self.log_to_wandb and self.is_main:
+            import wandb
+
+            wandb.log(values, step=self.example_counter)
+
+    # --- checkpoints -----------------------------------------------------------------------------------------
+
+    def policy_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Full (unsharded) policy weights on CPU, with Hugging Face parameter names."""
+        return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
+
+    def save(self, output_dir: Optional[Path] = None, metrics: Optional[Dict[str, float]] = None) -> Path:
+        """Writes policy.pt (+ tokenizer) to `output_dir` (default <run_dir>/LATEST) and the tokenizer to run_dir."""
+        output_dir = Path(output_dir or self.run_dir / "LATEST")
+        state = self.policy_state_dict()
+        if self.is_main:
+            save_checkpoint(output_dir / "policy.pt", state, self.example_counter,
+                            metrics if metrics is not None else self.last_eval_metrics)
+            self.tokenizer.save_pretrained(output_dir)
+            self.tokenizer.save_pretrained(self.run_dir)
+            distributed.rank0_print(f"saved policy after {self.example_counter} examples to {output_dir}")
+        distributed.barrier()
+        return output_dir
+
+
+def concatenate_rows(batch: Dict, key_groups: Tuple, pad_token_id: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stacks several groups of (B, T_i) sequences into one (G*B, max T_i) batch for a single forward pass.
+
+    One pass instead of G is faster, and under FSDP it gathers each layer's weights once instead of G times.
+
+    Returns:
+        input_ids, attention_mask, labels, each (G*B, T), right-padded (pad id / 0 / IGNORE_INDEX).
+    """
+    length = max(batch[keys.combined_input_ids].size(1) for keys in key_groups)
+    fields = (("combined_input_ids", pad_token_id), ("combined_attention_mask", 0), ("labels", IGNORE_INDEX))
+    input_ids, attention_mask, labels = (
+        torch.cat([pad_to_length(batch[getattr(keys, field)], length, pad) for keys in key_groups])
+        for field, pad in fields)
+    return input_ids, attention_mask, labels
+
+
+def check_loss_output(trainer: "BasicTrainer", output: Tuple, n_chosen: int, n_rejected: int, n_losses: int) -> None:
+    """A `loss` override must return (losses, chosen_rewards, rejected_rewards) with one value per row."""
+    name = f"{type(trainer).__name__}.loss"
+    if not isinstance(output, tuple) or len(output) < 3:
+        raise TrainingError(f"{name} must return (losses, chosen_rewards, rejected_rewards), got {type(output).__name__}")
+    for what, value, n in zip(("losses", "chosen_rewards", "rejected_rewards"), output, (n_losses, n_chosen, n_rejected)):
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (n,):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise TrainingError(f"{name} returned {what} of shape {shape}; expected ({n},) for this batch")
+
+
+class SFTTrainer(BasicTrainer):
+    """Supervised fine-tuning (sft), and conditional SFT (csft) whose control tokens live in the data."""
+
+    compatible_dataloaders = (dataloader.SFTDataLoader, dataloader.ConditionalSFTDataLoader)
+
+    def get_batch_metrics(self, batch: Dict, mode: str) -> Tuple[torch.Tensor, Metrics]:
+        policy_logps = self.sequence_logps(self.policy, batch[TARGET_KEYS.combined_input_ids],
+                                           batch[TARGET_KEYS.combined_attention_mask], batch[TARGET_KEYS.labels])
+        per_example = losses.sft_loss(policy_logps)
+        return per_example.mean(), {f"logps_{mode}/chosen": policy_logps.detach(), f"loss/{mode}": per_example.detach()}
+
+
+class PairedPreferenceTrainer(BasicTrainer):
+    """Losses over (chosen, rejected) pairs of responses to one prompt. Subclasses implement `loss`."""
+
+    compatible_dataloaders = (dataloader.PairedPreferenceDataLoader,)
+
+    def forward(self, model: torch.nn.Module, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B,) chosen and (B,) rejected sequence log-probs from one concatenated forward pass."""
+        input_ids, attention_mask, labels = concatenate_rows(batch, (CHOSEN_KEYS, REJECTED_KEYS),
+                                                             self.tokenizer.pad_token_id)
+        logps = self.sequence_logps(model, input_ids, attention_mask, labels)
+        n_pairs = batch[CHOSEN_KEYS.labels].size(0)
+        return logps[:n_pairs], logps[n_pairs:]
+
+    def loss(self, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             reference_chosen_logps: Optional[torch.Tensor], reference_rejected_logps: Optional[torch.Tensor]
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-pair losses (B,) and chosen/rejected rewards (B,), all from (B,) sequence log-probs."""
+        raise NotImplementedError
+
+    def get_batch_metrics(self, batch: Dict, mode: str) -> Tuple[torch.Tensor, Metrics]:
+        policy_chosen_logps, policy_rejected_logps = self.forward(self.policy, batch)
+        reference_chosen_logps = reference_rejected_logps = None
+        if self.reference_model is not None:
+            with torch.no_grad():
+                reference_chosen_logps, reference_rejected_logps = self.forward(self.reference_model, batch)
+        output = self.loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+        n_pairs = policy_chosen_logps.size(0)
+        check_loss_output(self, output, n_pairs, n_pairs, n_pairs)
+        per_pair, chosen_rewards, rejected_rewards = output[:3]
+        return per_pair.mean(), {
+            f"rewards_{mode}/chosen": chosen_rewards.detach(),
+            f"rewards_{mode}/rejected": rejected_rewards.detach(),
+            f"rewards_{mode}/accuracies": losses.paired_reward_accuracies(chosen_rewards, rejected_rewards),
+            f"rewards_{mode}/margins": (chosen_rewards - rejected_rewards).detach(),
+            f"logps_{mode}/chosen": policy_chosen_logps.detach(),
+            f"logps_{mode}/rejected": policy_rejected_logps.detach(),
+            f"loss/{mode}": per_pair.detach(),
+        }
+
+
+class UnpairedPreferenceTrainer(BasicTrainer):
+    """Losses over single responses labelled desirable ('chosen') or undesirable ('rejected').
+
+    Subclasses implement `loss`. With `uses_kl_rows`, each batch's mismatched (prompt, other response) rows run in
+    the same forward pass and their mean policy/reference log-ratio, averaged over processes, reaches `loss` as
+    `kl_estimate`.
+    """
+
+    compatible_dataloaders = (dataloader.UnpairedPreferenceDataLoader, dataloader.SimpleKTODataLoader)
+    uses_kl_rows = False
+
+    def forward(self, model: torch.nn.Module, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Chosen (n_c,), rejected (n_r,) and, with uses_kl_rows, KL-row (B,) log-probs from one forward pass."""
+        groups = (TARGET_KEYS, KL_KEYS) if self.uses_kl_rows else (TARGET_KEYS,)
+        input_ids, attention_mask, labels = concatenate_rows(batch, groups, self.tokenizer.pad_token_id)
+        logps = self.sequence_logps(model, input_ids, attention_mask, labels)
+        n_rows = batch[TARGET_KEYS.labels].size(0)
+        chosen = torch.tensor([status == "chosen" for status in batch[STATUS_KEY]], device=logps.device)
+        target_logps = logps[:n_rows]
+        return target_logps[chosen], target_logps[~chosen], (logps[n_rows:] if self.uses_kl_rows else None)
+
+    def loss(self, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             reference_chosen_logps: Optional[torch.Tensor], reference_rejected_logps: Optional[torch.Tensor],
+             **kwargs) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Losses (n_c + n_r,), chosen rewards (n_c,) and rejected rewards (n_r,) from sequence log-probs."""
+        raise NotImplementedError
+
+    def get_batch_metrics(self, batch: Dict, mode: str) -> Tuple[torch.Tensor, Metrics]:
+        policy_chosen_logps, policy_rejected_logps, policy_kl_logps = self.forward(self.policy, batch)
+        reference_chosen_logps = reference_rejected_logps = None
+        extra, metrics = {}, {}
+        if self.reference_model is not None:
+            with torch.no_grad():
+                reference_chosen_logps, reference_rejected_logps, reference_kl_logps = \
+                    self.forward(self.reference_model, batch)
+            if self.uses_kl_rows:
+                # The reference point is a mean over the whole global batch, so it is averaged over processes.
+                extra["kl_estimate"] = distributed.all_reduce_mean(
+                    losses.kto_kl_estimate(policy_kl_logps, reference_kl_logps))
+                metrics[f"rewards_{mode}/KL_estimate"] = extra["kl_estimate"]
+        output = self.loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                           reference_rejected_logps, **extra)
+        n_chosen, n_rejected = policy_chosen_logps.size(0), policy_rejected_logps.size(0)
+        check_loss_output(self, output, n_chosen, n_rejected, n_chosen + n_rejected)
+        per_example, chosen_rewards, rejected_rewards = output[:3]
+        metrics.update({
+            f"rewards_{mode}/chosen": chosen_rewards.detach(),
+            f"rewards_{mode}/rejected": rejected_rewards.detach(),
+            f"rewards_{mode}/margins": self.global_margin(chosen_rewards, rejected_rewards),
+            f"logps_{mode}/chosen": policy_chosen_logps.detach(),
+            f"logps_{mode}/rejected": policy_rejected_logps.detach(),
+            f"loss/{mode}": per_example.detach(),
+        })
+        return per_example.mean(), metrics
+
+    @staticmethod
+    def global_margin(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+        """Mean chosen minus mean rejected reward over all processes' rows (a class with no rows counts as 0)."""
+        def mean_or_zero(values: torch.Tensor) -> torch.Tensor:
+            values = distributed.all_gather_if_needed(values.detach())
+            return values.mean() if values.numel() else values.new_zeros(())
+        return mean_or_zero(chosen_rewards) - mean_or_zero(rejected_rewards)
+
+
+class DPOTrainer(PairedPreferenceTrainer):
+    """Direct Preference Optimization (Rafailov et al., 2023)."""
+
+    requires_reference_model = True
+
+    def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
+        return losses.dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                               reference_rejected_logps, beta=self.config.loss.beta)
+
+
+class CDPOTrainer(PairedPreferenceTrainer):
+    """Conservative DPO: DPO with an assumed rate epsilon of flipped preference labels."""
+
+    requires_reference_model = True
+
+    def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
+        return losses.cdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                reference_rejected_logps, beta=self.config.loss.beta, epsilon=self.config.loss.epsilon)
+
+
+class SLiCTrainer(PairedPreferenceTrainer):
+    """SLiC-HF: a hinge on the chosen/rejected log-prob margin plus an NLL regulariser; no reference model."""
+
+    def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
+        return losses.slic_loss(policy_chosen_logps, policy_rejected_logps, beta=self.config.loss.beta,
+                                lambda_coef=self.config.loss.lambda_coef)
+
+
+class KTOTrainer(UnpairedPreferenceTrainer):
+    """Kahneman-Tversky Optimization with the mismatched-pair KL estimate as reference point."""
+
+    requires_reference_model = True
+    compatible_dataloaders = (dataloader.UnpairedPreferenceDataLoader,)  # it builds the KL rows
+    uses_kl_rows = True
+
+    def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             kl_estimate):
+        config = self.config.loss
+        return losses.kto_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                               reference_rejected_logps, kl_estimate, beta=config.beta,
+                               desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight)
+
+
+class SimpleKTOTrainer(UnpairedPreferenceTrainer):
+    """KTO whose reference points are the opposite class's mean reward in the microbatch."""
+
+    requires_reference_model = True
+
+    def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
+        return losses.simple_kto_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                      reference_rejected_logps, beta=self.config.loss.beta)
+
+
+class KTOZeroTrainer(UnpairedPreferenceTrainer):
+    """KTO with a reference point of zero."""
+
+    requires_reference_model = True
+
+    def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
+        return losses.kto_zero_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                    reference_rejected_logps, beta=self.config.loss.beta)
