@@ -57,6 +57,10 @@ def build_models(config: DictConfig, device: torch.device, vocab_size: int
         for model in filter(None, (policy, reference)):
             info = load_weights(model, path)
         rank0_print(f"loaded weights from {path} (trained on {info['step_idx']} examples; metrics {info['metrics']})")
+    if config.model.activation_checkpointing:
+        # Recompute each block's activations during backward instead of storing them; the reference model runs
+        # without gradients and has nothing to save.
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if reference is not None:
         reference.requires_grad_(False).eval()
     return policy.to(device), (reference.to(device) if reference is not None else None)

@@ -70,6 +70,16 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return reduced / world_size()
 
 
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    """Clips gradients to a total norm of `max_norm` and returns the norm before clipping."""
+    return torch.nn.utils.clip_grad_norm_(parameters, max_norm).item()
+
+
+def full_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's complete weights on CPU, as plain tensors with their usual names."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

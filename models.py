@@ -1,6 +1,6 @@
 """Building the policy, reference model and tokenizer from a `model` config."""
 import os
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -82,3 +82,37 @@ def grow_embeddings(model: PreTrainedModel, vocab_size: int) -> None:
     """
     if vocab_size > model.get_input_embeddings().weight.size(0):
         model.resize_token_embeddings(vocab_size)
+
+
+class ValueHead(torch.nn.Module):
+    """Maps each position's last hidden state (B, T, H) to a scalar value (B, T): a 3-layer ReLU MLP in float32."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = torch.nn.Sequential(
+            torch.nn.Linear(hidden_size, hidden_size), torch.nn.ReLU(),
+            torch.nn.Linear(hidden_size, hidden_size), torch.nn.ReLU(),
+            torch.nn.Linear(hidden_size, 1))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.summary(hidden_states.float()).squeeze(-1)
+
+
+class CausalLMWithValueHead(torch.nn.Module):
+    """A causal LM plus a value head for offline PPO.
+
+    The head reads detached hidden states, so the critic loss trains only the head, never the language model.
+    Checkpoints keep the two apart: `pretrained_model`'s weights load into a plain causal LM.
+    """
+
+    def __init__(self, pretrained_model: PreTrainedModel):
+        super().__init__()
+        self.pretrained_model = pretrained_model
+        config = pretrained_model.config
+        self.v_head = ValueHead(getattr(config, "word_embed_proj_dim", None) or config.hidden_size)
+        self.v_head.to(next(pretrained_model.parameters()).device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, V) and values (B, T)."""
+        output = self.pretrained_model(input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs)
+        return output.logits, self.v_head(output.hidden_states[-1].detach())

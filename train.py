@@ -42,7 +42,7 @@ def train(config: DictConfig, loss_choice: str) -> Path:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     policy, reference = build_models(config, device, len(tokenizer))
     trainer_cls = resolve_class(config.loss.trainer, "trainers")
-    trainer = trainer_cls(tokenizer, config, train_loader, eval_loader, policy, reference,
+    trainer = trainer_cls(tokenizer, config, train_loader, eval_loader, trainer_cls.wrap_policy(policy), reference,
                           rank=distributed.rank(), world_size=distributed.world_size(), device=device,
                           log_to_wandb=distributed.is_main_process() and init_wandb(config))
     trainer.train()

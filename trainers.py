@@ -7,7 +7,7 @@ Add a loss by subclassing a trainer, overriding `loss` (a thin call into `losses
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -18,7 +18,8 @@ import distributed
 import losses
 from checkpoints import save_checkpoint
 from dataloader import CHOSEN_KEYS, KL_KEYS, REJECTED_KEYS, STATUS_KEY, TARGET_KEYS
-from utils import IGNORE_INDEX, HalosError, formatted_dict, get_batch_logps, pad_to_length
+from models import CausalLMWithValueHead
+from utils import IGNORE_INDEX, HalosError, formatted_dict, get_batch_logps, get_token_logps, pad_to_length
 
 Metrics = Dict[str, torch.Tensor]
 
@@ -54,6 +55,11 @@ class BasicTrainer:
             problems.append(f"loss.dataloader: {cls.__name__} needs batches from {expected}, not {loader.__name__}")
         return problems
 
+    @classmethod
+    def wrap_policy(cls, policy: torch.nn.Module) -> torch.nn.Module:
+        """The module trained as the policy, built around the loaded causal LM (PPO adds a value head)."""
+        return policy
+
     def __init__(self, tokenizer, config: DictConfig, train_iterator, eval_iterator, policy: torch.nn.Module,
                  reference_model: Optional[torch.nn.Module] = None, rank: int = 0, world_size: int = 1,
                  device: Optional[torch.device] = None, log_to_wandb: bool = False):
@@ -79,6 +85,11 @@ class BasicTrainer:
         """(B,) summed log-probs of the labelled tokens of (B, T) sequences. No KV cache: training needs none."""
         logits = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
         return get_batch_logps(logits, labels)
+
+    def training_passes(self, batch: Dict) -> Iterator[Dict]:
+        """The batches one training batch turns into, each getting a forward/backward pass (and counting as a
+        micro-step of gradient accumulation). One pass by default; PPO makes ppo_epochs passes."""
+        yield batch
 
     def get_batch_metrics(self, batch: Dict, mode: str) -> Tuple[torch.Tensor, Metrics]:
         """Loss to backpropagate (a scalar: the mean over this rank's examples) and per-example metric tensors.
@@ -108,14 +119,15 @@ class BasicTrainer:
             start = time.time()
             self.policy.train()
             local_batch = distributed.slice_batch_for_rank(batch, self.rank, self.world_size, self.device)
-            loss, batch_metrics = self.get_batch_metrics(local_batch, mode="train")
-            self.check_finite(loss)
-            (loss / accumulation).backward()
-            self.record(metrics, batch_metrics)
-            pending += 1
-            if pending == accumulation:
-                metrics["grad_norm"].append(self.optimizer_step())
-                pending = 0
+            for training_batch in self.training_passes(local_batch):
+                loss, batch_metrics = self.get_batch_metrics(training_batch, mode="train")
+                self.check_finite(loss)
+                (loss / accumulation).backward()
+                self.record(metrics, batch_metrics)
+                pending += 1
+                if pending == accumulation:
+                    metrics["grad_norm"].append(self.optimizer_step())
+                    pending = 0
             batch_size = config.model.batch_size
             metrics["examples_per_second"].append(batch_size / (time.time() - start))
             self.batch_counter += 1
@@ -141,8 +153,8 @@ class BasicTrainer:
         return grad_norm
 
     def clip_gradient(self) -> float:
-        """Clips the policy's gradient norm to model.max_grad_norm and returns the norm before clipping."""
-        return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.model.max_grad_norm).item()
+        """Clips the policy's global gradient norm to model.max_grad_norm and returns the norm before clipping."""
+        return distributed.clip_grad_norm(self.policy.parameters(), self.config.model.max_grad_norm)
 
     def check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss).all():
@@ -195,8 +207,8 @@ class BasicTrainer:
     # --- checkpoints -----------------------------------------------------------------------------------------
 
     def policy_state_dict(self) -> Dict[str, torch.Tensor]:
-        """Full (unsharded) policy weights on CPU, with Hugging Face parameter names."""
-        return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
+        """Full (unsharded) policy weights on CPU, with Hugging Face parameter names (empty on ranks > 0)."""
+        return distributed.full_state_dict(self.policy)
 
     def save(self, output_dir: Optional[Path] = None, metrics: Optional[Dict[str, float]] = None) -> Path:
         """Writes policy.pt (+ tokenizer) to `output_dir` (default <run_dir>/LATEST) and the tokenizer to run_dir."""
@@ -416,3 +428,87 @@ class KTOZeroTrainer(UnpairedPreferenceTrainer):
     def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
         return losses.kto_zero_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                                     reference_rejected_logps, beta=self.config.loss.beta)
+
+
+class Rollout(NamedTuple):
+    """What offline PPO fixes for a batch before its optimisation passes; every field is (B, T-1)."""
+
+    mask: torch.Tensor  # True at response tokens
+    reference_logps: torch.Tensor  # the frozen reference model's token log-probs (PPO's "old" policy here)
+    values: torch.Tensor  # the value head's estimates before the update
+    advantages: torch.Tensor  # GAE advantages, whitened over the batch's response tokens
+    returns: Optional[torch.Tensor]  # critic targets: GAE returns (advantages + values)
+
+
+class PPOTrainer(BasicTrainer):
+    """Offline PPO: each response earns +1 (desirable) or -1 (undesirable) at its last token; the policy is updated
+    with PPO's clipped objective against the frozen reference model, a value head learns the returns, and a KL
+    penalty keeps the policy near the reference. Saves `policy.pt` (the causal LM) and `v_head.pt`."""
+
+    requires_reference_model = True
+    compatible_dataloaders = (dataloader.UnpairedPreferenceDataLoader,)
+
+    @classmethod
+    def wrap_policy(cls, policy: torch.nn.Module) -> torch.nn.Module:
+        return CausalLMWithValueHead(policy)
+
+    def token_forward(self, model: torch.nn.Module, batch: Dict):
+        """Token log-probs (B, T-1), response mask (B, T-1), logits (B, T-1, V) and values (B, T-1) or None."""
+        input_ids, attention_mask = batch[TARGET_KEYS.combined_input_ids], batch[TARGET_KEYS.combined_attention_mask]
+        output = model(input_ids, attention_mask=attention_mask, use_cache=False)
+        logits, values = output if isinstance(output, tuple) else (output.logits, None)
+        token_logps, mask = get_token_logps(logits, batch[TARGET_KEYS.labels])
+        return token_logps, mask, logits[:, :-1], (values[:, :-1] if values is not None else None)
+
+    def rollout(self, batch: Dict) -> Rollout:
+        """Rewards, values and advantages of a batch, computed once without gradients."""
+        config = self.config.loss
+        with torch.no_grad():
+            reference_logps, mask, _, _ = self.token_forward(self.reference_model, batch)
+            _, _, _, values = self.token_forward(self.policy, batch)
+            scores = torch.tensor([1.0 if s == "chosen" else -1.0 for s in batch[STATUS_KEY]], device=values.device)
+            last_token = mask.size(1) - 1 - mask.flip(1).int().argmax(1)
+            rewards = torch.zeros_like(values)
+            rewards[torch.arange(rewards.size(0), device=rewards.device), last_token] = scores
+            gae = losses.gae_advantages(values, rewards, mask, gamma=config.gamma, lam=config.lam)
+        return Rollout(mask, reference_logps, values, losses.whiten(gae.advantages, mask), gae.returns)
+
+    def training_passes(self, batch: Dict) -> Iterator[Dict]:
+        rollout = self.rollout(batch)
+        for _ in range(self.config.loss.ppo_epochs):
+            yield {**batch, "rollout": rollout}
+
+    def get_batch_metrics(self, batch: Dict, mode: str) -> Tuple[torch.Tensor, Metrics]:
+        rollout = batch.get("rollout") or self.rollout(batch)
+        config = self.config.loss
+        token_logps, mask, logits, values = self.token_forward(self.policy, batch)
+        output = losses.ppo_loss(token_logps, values, rollout.reference_logps, rollout.reference_logps,
+                                 rollout.advantages, rollout.returns, mask, cliprange=config.cliprange,
+                                 critic_coef=config.critic_coef, kl_coef=config.KL_coef)
+        # The original's PPO names carry no mode; evaluation metrics get an _eval suffix on the group instead.
+        group = (lambda name: name) if mode == "train" else (lambda name: name.replace("/", "_eval/", 1))
+        metrics = {
+            "loss/total": output.loss.detach(), "loss/critic": output.critic_loss, "loss/policy": output.policy_loss,
+            "clipfrac/policy": output.clipfrac, "loss/policykl": output.kl_penalty, "loss/seqratio": output.seq_ratio,
+            "loss/entropy": losses.entropy_from_logits(logits.detach(), mask),
+            "returns/mean": losses.masked_mean(rollout.returns, mask), "returns/var": losses.masked_var(rollout.returns, mask),
+            "val/mean": losses.masked_mean(rollout.values, mask), "val/var": losses.masked_var(rollout.values, mask),
+        }
+        return output.loss, {group(k): v for k, v in metrics.items()}
+
+    def clip_gradient(self) -> float:
+        """Clips the language model and the value head separately; returns the sum of their pre-clip norms."""
+        model = self.config.model
+        return (distributed.clip_grad_norm(self.policy.pretrained_model.parameters(), model.max_grad_norm)
+                + distributed.clip_grad_norm(self.policy.v_head.parameters(), model.v_head_max_grad_norm))
+
+    def policy_state_dict(self) -> Dict[str, torch.Tensor]:
+        return distributed.full_state_dict(self.policy.pretrained_model)
+
+    def save(self, output_dir: Optional[Path] = None, metrics: Optional[Dict[str, float]] = None) -> Path:
+        output_dir = super().save(output_dir, metrics)
+        v_head_state = distributed.full_state_dict(self.policy.v_head)
+        if self.is_main:
+            save_checkpoint(output_dir / "v_head.pt", v_head_state, self.example_counter, metrics)
+        distributed.barrier()
+        return output_dir

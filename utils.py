@@ -1,6 +1,6 @@
 """Small tensor and formatting helpers shared by trainers, models and scripts."""
 from pathlib import Path
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,28 +30,39 @@ def pad_to_length(tensor: torch.Tensor, length: int, pad_value: float, dim: int 
     return torch.cat([tensor, tensor.new_full(pad_shape, pad_value)], dim=dim)
 
 
-def get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob: bool = False) -> torch.Tensor:
-    """Sequence log-probabilities of the labelled tokens.
+def get_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities of the labels, in float32 whatever the model dtype.
 
-    Token t is predicted by the logits at position t-1. Computed in float32 whatever the model dtype (the original
-    computed log_softmax in bf16).
+    Token t is predicted by the logits at position t-1, so the outputs cover positions 1..T-1.
+
+    Args:
+        logits: (B, T, V) model outputs.
+        labels: (B, T) target ids, IGNORE_INDEX where no loss is taken.
+
+    Returns:
+        token_logps (B, T-1), zero where masked; mask (B, T-1) bool, True at labelled positions.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} must agree on (batch, length)")
+    labels = labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    log_probs = F.log_softmax(logits[:, :-1, :].float(), dim=-1)
+    token_logps = torch.gather(log_probs, 2, labels.masked_fill(~mask, 0).unsqueeze(2)).squeeze(2)
+    return token_logps * mask, mask
+
+
+def get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob: bool = False) -> torch.Tensor:
+    """Sequence log-probabilities: (B,) sum (or mean) over labelled tokens of log p(label_t | tokens < t).
+
+    Computed in float32 (the original computed log_softmax in the policy dtype, bf16 by default).
 
     Args:
         logits: (B, T, V) model outputs.
         labels: (B, T) target ids, IGNORE_INDEX where no loss is taken.
         average_log_prob: return the mean over labelled tokens instead of the sum.
-
-    Returns:
-        (B,) sum (or mean) of log p(label_t | tokens < t) over labelled positions.
     """
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} must agree on (batch, length)")
-    labels = labels[:, 1:]
-    logits = logits[:, :-1, :].float()
-    mask = labels != IGNORE_INDEX
-    safe_labels = labels.masked_fill(~mask, 0)
-    token_logps = torch.gather(F.log_softmax(logits, dim=-1), 2, safe_labels.unsqueeze(2)).squeeze(2)
-    summed = (token_logps * mask).sum(-1)
+    token_logps, mask = get_token_logps(logits, labels)
+    summed = token_logps.sum(-1)
     return summed / mask.sum(-1).clamp(min=1) if average_log_prob else summed
 
 

@@ -1,0 +1,178 @@
+"""Generating responses from a policy, kept apart from the trainer.
+
+`generate_batch` samples one response per left-padded prompt. `sample_resumably` runs it over a sequence of
+tokenised prompts, batch by batch, and records every finished sample in a partial JSONL file, so that an
+interrupted run continues where it stopped (see docs/evaluation.md).
+
+Differences from the original's `get_batch_samples`/`sample` (spec F-18):
+- Only nucleus sampling applies: `top_k=0` and `temperature=1.0` are passed explicitly. The original left the
+  Hugging Face default `top_k=50` active beside `top_p` (and so does transformers today for `top_k=None`).
+- The response is decoded from the new token ids only, cut at the first EOS. The original decoded prompt and
+  response together and cut `len(prompt_text)` characters, which breaks when decoding changes the prompt text.
+- Each batch's sampling RNG is seeded from (seed, batch index), so a resumed run samples what an uninterrupted
+  run would have (the original seeded once per process).
+"""
+import itertools
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Mapping
+
+import torch
+from tqdm import tqdm
+
+from dataloader import ORIGINAL_PROMPT_KEY, PROMPT_KEYS, TARGET_KEYS, collate
+from utils import HalosError
+
+SAMPLE_FIELDS = ("prompt", "original_prompt", "chosen", "policy")  # what a partial file records per sample
+
+
+class SamplingError(HalosError):
+    """A partial sample file that cannot be resumed, or a prompt that leaves no room to generate."""
+
+
+def decode_until_eos(token_ids: torch.Tensor, tokenizer) -> str:
+    """Text of `token_ids` (T,) up to, not including, the first EOS; special tokens are skipped."""
+    ids = token_ids.tolist()
+    if tokenizer.eos_token_id in ids:
+        ids = ids[:ids.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def generate_batch(policy: torch.nn.Module, tokenizer, prompt_input_ids: torch.Tensor,
+                   prompt_attention_mask: torch.Tensor, *, max_length: int, top_p: float) -> List[str]:
+    """Samples one response per prompt with nucleus sampling; uses the global torch RNG.
+
+    Args:
+        policy: a Hugging Face causal LM.
+        prompt_input_ids: (B, Lp) LEFT-padded prompt ids.
+        prompt_attention_mask: (B, Lp), 0 on padding.
+        max_length: tokens of padded prompt + response, as in the original, so each response gets at most
+            `max_length - Lp` new tokens.
+        top_p: nucleus threshold.
+
+    Returns:
+        B strings: the newly generated text of each row, without the prompt and without EOS.
+    """
+    prompt_length = prompt_input_ids.size(1)
+    max_new_tokens = max_length - prompt_length
+    if max_new_tokens < 1:
+        raise SamplingError(f"prompts padded to {prompt_length} tokens leave no room to generate within "
+                            f"max_length={max_length}")
+    device = next(policy.parameters()).device
+    with torch.no_grad():
+        output_ids = policy.generate(
+            input_ids=prompt_input_ids.to(device), attention_mask=prompt_attention_mask.to(device),
+            max_new_tokens=max_new_tokens, do_sample=True, top_p=top_p,
+            # top_k=None would fall back to Hugging Face's default of 50; 0 disables it.
+            top_k=0, temperature=1.0,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return [decode_until_eos(row, tokenizer) for row in output_ids[:, prompt_length:].cpu()]
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """Sampling seed of one batch: a fixed function of the run's seed and the batch's position."""
+    return zlib.crc32(f"{seed}/{batch_index}".encode())
+
+
+class PartialSamples:
+    """The finished samples of a sampling run, appended to a JSONL file as they are generated.
+
+    Line 1 records the run's settings; every further line is one sample `{"index", "prompt", "original_prompt",
+    "chosen", "policy"}`. A run with different settings refuses to continue the file, so samples of two
+    policies never mix. A last line cut short by a crash is dropped.
+    """
+
+    def __init__(self, path: Path, settings: Mapping[str, Any]):
+        self.path = path
+        self.settings = json.loads(json.dumps(settings))  # as it reads back from the file
+        self.rows: Dict[int, dict] = {}
+        if path.exists():
+            self.read()
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.write_lines([{"settings": self.settings}])
+
+    def read(self) -> None:
+        text = self.path.read_text()
+        lines = text.split("\n")[:-1]  # a last line without its newline was cut short by a crash
+        if text and not text.endswith("\n"):
+            self.path.write_text("".join(f"{line}\n" for line in lines))
+        records = [self.parse(line, number) for number, line in enumerate(lines, 1)]
+        if not records or records[0].get("settings") != self.settings:
+            raise SamplingError(f"{self.path} holds samples made with other settings (policy, data, seed, batch "
+                                f"size or generation settings); delete it to start over, or rerun with the "
+                                f"settings it was started with")
+        self.rows = {record["index"]: record for record in records[1:]}
+
+    def parse(self, line: str, number: int) -> dict:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        valid_sample = isinstance(record, dict) and isinstance(record.get("index"), int) \
+            and all(isinstance(record.get(field), str) for field in SAMPLE_FIELDS)
+        if not (valid_sample or (number == 1 and isinstance(record, dict))):
+            raise SamplingError(f"{self.path}:{number} is not a sample line; delete the file to start over")
+        return record
+
+    def write_lines(self, records: Iterable[dict]) -> None:
+        # One write per batch, flushed to disk: a crash loses at most the batch being written.
+        with open(self.path, "a") as handle:
+            handle.write("".join(json.dumps(record) + "\n" for record in records))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def add(self, rows: List[dict]) -> None:
+        self.write_lines(rows)
+        self.rows.update((row["index"], row) for row in rows)
+
+    def remove(self) -> None:
+        self.path.unlink()
+
+
+def chunked(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of `size` items (the last one may be shorter)."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def sample_row(index: int, element: dict, policy_text: str) -> dict:
+    return {"index": index, "prompt": element[PROMPT_KEYS.text], "original_prompt": element[ORIGINAL_PROMPT_KEY],
+            "chosen": element[TARGET_KEYS.text], "policy": policy_text}
+
+
+def sample_resumably(policy: torch.nn.Module, tokenizer, elements: Iterable[dict], partial: PartialSamples, *,
+                     total: int, batch_size: int, max_length: int, top_p: float, seed: int) -> List[dict]:
+    """Samples a response for each of `total` prompts, skipping those already in `partial`.
+
+    Batch k holds prompts [k * batch_size, (k + 1) * batch_size); the last batch may be smaller. Only the missing
+    prompts of a batch are generated, with the batch's own seed, so a run resumed at a batch boundary gives exactly
+    the samples of an uninterrupted run.
+
+    Args:
+        elements: tokenised SFT elements (un-collated dicts with PROMPT_KEYS, TARGET_KEYS and original_prompt),
+            in sampling order; at least `total` of them.
+        partial: where finished samples are recorded and read back from.
+
+    Returns:
+        `total` sample dicts in order, with the keys `index` and SAMPLE_FIELDS.
+    """
+    policy.eval()
+    done = sum(index in partial.rows for index in range(total))
+    progress = tqdm(total=total, initial=done, unit="sample", desc="sample")
+    for batch_index, chunk in enumerate(chunked(itertools.islice(elements, total), batch_size)):
+        first = batch_index * batch_size
+        todo = [(first + k, element) for k, element in enumerate(chunk) if first + k not in partial.rows]
+        if not todo:
+            continue
+        torch.manual_seed(batch_seed(seed, batch_index))
+        batch = collate([element for _, element in todo], tokenizer.pad_token_id)
+        texts = generate_batch(policy, tokenizer, batch[PROMPT_KEYS.input_ids], batch[PROMPT_KEYS.attention_mask],
+                               max_length=max_length, top_p=top_p)
+        partial.add([sample_row(index, element, text) for (index, element), text in zip(todo, texts)])
+        progress.update(len(todo))
+    progress.close()
+    return [partial.rows[index] for index in range(total)]
