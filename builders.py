@@ -1,7 +1,7 @@
 """Turning a validated config into the objects a run needs: tokenizer, dataloaders, models, wandb."""
 import netrc
 import os
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 import dataloader
 from checkpoints import load_weights
 from configuration import resolve_class, resolve_path
-from distributed import rank0_print
+from distributed import rank0_print, shard_model, world_size
 from models import grow_embeddings, load_causal_lm
 
 DATALOADER_KWARG_KEYS = ("frac_unique_desirable", "frac_unique_undesirable")
@@ -40,12 +40,15 @@ def build_train_and_eval_loaders(config: DictConfig, tokenizer) -> Tuple[dataloa
     return train, evaluation
 
 
-def build_models(config: DictConfig, device: torch.device, vocab_size: int
+def build_models(config: DictConfig, device: torch.device, vocab_size: int,
+                 wrap_policy: Callable[[torch.nn.Module], torch.nn.Module] = lambda policy: policy
                  ) -> Tuple[torch.nn.Module, Optional[torch.nn.Module]]:
     """Policy and (if the loss uses one) reference model, both starting from model.load_from when it is set.
 
     Embeddings grow to `vocab_size` (the tokenizer's length, which includes any control tokens) before loading,
-    so checkpoints of csft runs load into them.
+    so checkpoints of csft runs load into them. `wrap_policy` (the trainer's) builds the trained module around the
+    causal LM, e.g. PPO's value head, before sharding so that the head is sharded and synchronised too. With several
+    processes both models are sharded with FSDP (distributed.shard_model); in one process they move to `device`.
     """
     policy = load_causal_lm(config.model, config.model.policy_dtype, config.seed)
     reference = load_causal_lm(config.model, config.model.reference_dtype, config.seed) \
@@ -63,7 +66,14 @@ def build_models(config: DictConfig, device: torch.device, vocab_size: int
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if reference is not None:
         reference.requires_grad_(False).eval()
-    return policy.to(device), (reference.to(device) if reference is not None else None)
+    policy = wrap_policy(policy)
+    for model in filter(None, (policy, reference)):
+        if world_size() > 1:
+            # Sharding also moves the weights to this process's device, block by block.
+            shard_model(model, config.model.block_name, config.model.fsdp_policy_mp)
+        else:
+            model.to(device)
+    return policy, reference
 
 
 def wandb_mode() -> str:

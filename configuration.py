@@ -8,7 +8,7 @@ import importlib
 import inspect
 import os
 from pathlib import Path
-from typing import Iterable, List, Optional, Set
+from typing import Iterable, List, Optional, Sequence, Set
 
 import torch
 import yaml
@@ -75,7 +75,7 @@ def _is_positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _check_schema(config: DictConfig, loss_choice: str) -> List[str]:
+def _check_schema(config: DictConfig, loss_choice: str, search_dirs: Sequence[str]) -> List[str]:
     # Interpolations of a missing key (local_run_dir: ${cache_dir}/${exp_name}) are not reported themselves.
     derived = _interpolated_keys(config)
     OmegaConf.resolve(config)
@@ -84,8 +84,9 @@ def _check_schema(config: DictConfig, loss_choice: str) -> List[str]:
     problems += _unknown_keys("", config.keys(), yaml_keys(CONFIG_DIR / "config.yaml") | CONFIG_GROUPS)
     problems += _unknown_keys("model.", config.model.keys(), yaml_keys(CONFIG_DIR / "model" / "base_model.yaml"))
     problems += _unknown_keys("wandb.", config.wandb.keys(), {"enabled", "entity", "project"})
-    loss_file = CONFIG_DIR / "loss" / f"{loss_choice}.yaml"
-    if loss_file.exists():
+    loss_file = next((f for d in (CONFIG_DIR, *map(Path, search_dirs)) if (f := d / "loss" / f"{loss_choice}.yaml").exists()),
+                     None)
+    if loss_file is not None:
         problems += _unknown_keys("loss.", config.loss.keys(), yaml_keys(loss_file))
     for key in ("name", "trainer", "dataloader", "use_reference_model"):
         if key not in config.loss:
@@ -175,13 +176,14 @@ def _check_values(config: DictConfig, n_processes: int) -> List[str]:
     return problems
 
 
-def validate_train_config(config: DictConfig, loss_choice: str, n_processes: int = 1) -> List[str]:
+def validate_train_config(config: DictConfig, loss_choice: str, n_processes: int = 1,
+                          search_dirs: Sequence[str] = ()) -> List[str]:
     """Resolves and checks a composed training config; returns warnings and raises ConfigError listing every problem.
 
     Also rounds eval_every down to a multiple of model.batch_size (evaluation happens between batches), as the
     original does, and reports that as a warning.
     """
-    problems = _check_schema(config, loss_choice)
+    problems = _check_schema(config, loss_choice, search_dirs)
     if not OmegaConf.is_missing(config, "mode") and config.mode not in TRAIN_MODES:
         problems.append(f"mode: train.py needs mode=train, got '{config.mode}' (sample/eval modes are for eval.py)")
     problems += _check_values(config, n_processes) + _check_classes(config)

@@ -15,7 +15,7 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import hydra
 import torch
@@ -47,39 +47,34 @@ class EvalError(HalosError):
 # --- command line --------------------------------------------------------------------------------------------
 
 
-def config_path_argument(argv: List[str]) -> Optional[tuple]:
-    """(position, flag form, value) of --config-path/-cp in argv, or None."""
+def split_config_path(argv: List[str]) -> Tuple[Optional[str], List[str]]:
+    """The value of --config-path (or -cp), None if absent, and argv without that option."""
     for i, arg in enumerate(argv):
         for flag in ("--config-path", "-cp"):
             if arg == flag and i + 1 < len(argv):
-                return i, "separate", argv[i + 1]
+                return argv[i + 1], argv[:i] + argv[i + 2:]
             if arg.startswith(flag + "="):
-                return i, "joined", arg[len(flag) + 1:]
-    return None
+                return arg[len(flag) + 1:], argv[:i] + argv[i + 1:]
+    return None, argv
 
 
 def prepare_argv(argv: List[str]) -> List[str]:
-    """Hydra argv for eval.py: the run directory made absolute and checked; Hydra's own outputs are switched off
-    unless the command line sets those hydra keys itself.
+    """Hydra's argv for eval.py: the run directory checked and made absolute, Hydra's own outputs switched off.
 
     Hydra resolves a relative --config-path against the script's directory; users mean the working directory.
+    Hydra keys that the command line sets itself are left to it.
     """
-    found = config_path_argument(argv)
-    if found is None:
+    value, rest = split_config_path(argv)
+    if value is None:
         raise EvalError("eval.py needs --config-path=RUN_DIR, the run directory written by train.py")
-    position, form, value = found
     run_dir = Path(value).expanduser().resolve()
     if not (run_dir / "config.yaml").is_file():
         what = "has no config.yaml" if run_dir.is_dir() else "does not exist"
         raise EvalError(f"--config-path {value} {what}; pass a run directory written by train.py "
                         f"(<cache_dir>/<exp_name>)")
-    argv = list(argv)
-    if form == "separate":
-        argv[position + 1] = str(run_dir)
-    else:
-        argv[position] = f"--config-path={run_dir}"
-    user_keys = {arg.lstrip("+~").split("=", 1)[0] for arg in argv[1:]}
-    return argv + [override for override in HYDRA_OVERRIDES if override.split("=", 1)[0] not in user_keys]
+    user_keys = {arg.lstrip("+~").split("=", 1)[0] for arg in rest[1:]}
+    hydra_overrides = [override for override in HYDRA_OVERRIDES if override.split("=", 1)[0] not in user_keys]
+    return rest[:1] + [f"--config-path={run_dir}"] + rest[1:] + hydra_overrides
 
 
 # --- config --------------------------------------------------------------------------------------------------
@@ -291,7 +286,7 @@ def main(config: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") and config_path_argument(sys.argv) is None:
+    if {"-h", "--help"} & set(sys.argv) and split_config_path(sys.argv)[0] is None:
         print(__doc__)
         sys.exit(0)
     try:

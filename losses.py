@@ -532,26 +532,6 @@ def gae_advantages(values: Tensor, rewards: Tensor, mask: Tensor, *, gamma: floa
     return GAEOutput(advantages, advantages + values)
 
 
-def discounted_future_rewards(rewards: Tensor, mask: Tensor, *, gamma: float) -> Tensor:
-    """The original's critic target D_t = Σ_{u>t} γ^{u−t−1}·R_u, which EXCLUDES R_t.
-
-    Kept for reproducing the original; it is inconsistent with the GAE advantage, whose matching
-    critic target is `gae_advantages(...).returns`.
-
-    Args:
-        rewards: per-token rewards R, shape (B, T).
-        mask: shape (B, T), bool or 0/1.
-        gamma: discount γ in [0, 1].
-
-    Returns:
-        D, shape (B, T), zero at masked positions.
-    """
-    _check_token_level("discounted_future_rewards", rewards=rewards, mask=mask)
-    _check_unit_interval("discounted_future_rewards", gamma=gamma)
-    rewards = _zero_masked(rewards, mask)
-    return _zero_masked(_reverse_discounted_cumsum(_shift_left(rewards), gamma), mask)
-
-
 def ppo_policy_loss(
     logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, *, cliprange: float
 ) -> PolicyLossOutput:
@@ -618,8 +598,7 @@ def ppo_loss(
     """PPO loss = policy + critic_coef·critic + kl_coef·⟨logπ_ref − logπ_θ⟩.
 
     Offline HALOs PPO passes the reference model's log-probs as both `old_logps` and
-    `reference_logps`, and its critic target is `discounted_future_rewards` (the standard
-    choice is `gae_advantages(...).returns`).
+    `reference_logps`, and `gae_advantages(...).returns` as the critic target.
 
     Args:
         logps: token log-probs of the current policy, shape (B, T).

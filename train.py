@@ -3,10 +3,12 @@
     python train.py loss=sft model=tiny datasets=[hh] exp_name=tiny_sft mode=train
 
 The config is composed by Hydra from config/ (see README: Configuration) and checked in one pass before anything
-loads. One process trains on one GPU, or on the CPU when there is none.
+loads. One process trains on one GPU, or on the CPU when there is none; with several GPUs (use_fsdp=true) one
+process per GPU shards the models with FSDP, started here or by torchrun (see docs/distributed.md).
 """
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import hydra
 import torch
@@ -23,9 +25,13 @@ from utils import HalosError, register_resolvers
 register_resolvers()
 
 
-def train(config: DictConfig, loss_choice: str) -> Path:
-    """Runs training and returns the directory of the final checkpoint."""
-    for warning in validate_train_config(config, loss_choice, n_processes=distributed.world_size()):
+def train(config: DictConfig, loss_choice: str, search_dirs: Sequence[str] = ()) -> Path:
+    """Runs training and returns the directory of the final checkpoint.
+
+    `loss_choice` names the loss config (config/loss/<name>.yaml); `search_dirs` are extra config directories
+    (hydra.searchpath) where users keep their own loss configs.
+    """
+    for warning in validate_train_config(config, loss_choice, distributed.world_size(), search_dirs):
         distributed.rank0_print(f"warning: {warning}")
     run_dir = Path(config.local_run_dir)
     if config.saved_policy is None:
@@ -39,10 +45,10 @@ def train(config: DictConfig, loss_choice: str) -> Path:
 
     tokenizer = load_tokenizer(config.model, control_tokens(config.loss))
     train_loader, eval_loader = build_train_and_eval_loaders(config, tokenizer)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    policy, reference = build_models(config, device, len(tokenizer))
+    device = distributed.device()
     trainer_cls = resolve_class(config.loss.trainer, "trainers")
-    trainer = trainer_cls(tokenizer, config, train_loader, eval_loader, trainer_cls.wrap_policy(policy), reference,
+    policy, reference = build_models(config, device, len(tokenizer), trainer_cls.wrap_policy)
+    trainer = trainer_cls(tokenizer, config, train_loader, eval_loader, policy, reference,
                           rank=distributed.rank(), world_size=distributed.world_size(), device=device,
                           log_to_wandb=distributed.is_main_process() and init_wandb(config))
     trainer.train()
@@ -54,10 +60,22 @@ def train(config: DictConfig, loss_choice: str) -> Path:
     return checkpoint_dir
 
 
+def train_or_exit(config: DictConfig, loss_choice: str, search_dirs: Sequence[str]) -> None:
+    """train() in this process; a user error ends the process with one line on stderr and exit status 1."""
+    try:
+        train(config, loss_choice, search_dirs)
+    except HalosError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
 @hydra.main(version_base=None, config_path="config", config_name="config")
 def main(config: DictConfig) -> None:
+    hydra_config = HydraConfig.get()
+    search_dirs = [p.removeprefix("file://") for p in hydra_config.searchpath if p.startswith("file://")]
     try:
-        train(config, HydraConfig.get().runtime.choices.get("loss"))
+        distributed.launch(train_or_exit, config, hydra_config.runtime.choices.get("loss"), search_dirs,
+                           use_fsdp=config.use_fsdp, port=config.fsdp_port)
     except HalosError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -402,6 +402,15 @@ class KTOTrainer(UnpairedPreferenceTrainer):
     compatible_dataloaders = (dataloader.UnpairedPreferenceDataLoader,)  # it builds the KL rows
     uses_kl_rows = True
 
+    @classmethod
+    def config_problems(cls, config: DictConfig) -> List[str]:
+        problems = super().config_problems(config)
+        for key in ("batch_size", "eval_batch_size"):
+            if isinstance(config.model[key], int) and config.model[key] < 2:
+                problems.append(f"model.{key}: KTO pairs each prompt with another example's response to estimate "
+                                f"its reference point, so batches need at least 2 examples, got {config.model[key]}")
+        return problems
+
     def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
              kl_estimate):
         config = self.config.loss

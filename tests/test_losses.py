@@ -261,14 +261,6 @@ def test_gae_advantages_hand_computed():
     assert_tight(out.returns, mat([0.62928, 0.774, 1.0], [0.828, 1.0, 0.0]))
 
 
-def test_discounted_future_rewards_exclude_the_current_token():
-    """γ = 0.9, D_t = R_{t+1} + γ·D_{t+1}, D_2 = 0.
-    Row 0: R = [0, 0, 1] ⇒ D = [0.9·1, 1, 0]. Row 1: R = [0, 1, (7 masked)] ⇒ D = [1, 0, 0]."""
-    rewards = mat([0.0, 0.0, 1.0], [0.0, 1.0, 7.0])
-    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    assert_tight(losses.discounted_future_rewards(rewards, mask, gamma=0.9), mat([0.9, 1.0, 0.0], [1.0, 0.0, 0.0]))
-
-
 def test_masked_mean_and_var_ignore_masked_entries():
     """Unmasked [1, 4, 7, 2]: mean 3.5; population var (2.5² + 0.5² + 3.5² + 1.5²)/4 = 21/4."""
     values = mat([1.0, 4.0, math.nan], [7.0, math.inf, 2.0])
