@@ -86,6 +86,11 @@ class BasicTrainer:
         logits = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
         return get_batch_logps(logits, labels)
 
+    def reference_forward(self, batch: Dict):
+        """The subclass's `forward` outputs for the reference model, without gradients."""
+        with torch.no_grad():
+            return self.forward(self.reference_model, batch)
+
     def training_passes(self, batch: Dict) -> Iterator[Dict]:
         """The batches one training batch turns into, each getting a forward/backward pass (and counting as a
         micro-step of gradient accumulation). One pass by default; PPO makes ppo_epochs passes."""
@@ -286,8 +291,7 @@ class PairedPreferenceTrainer(BasicTrainer):
         policy_chosen_logps, policy_rejected_logps = self.forward(self.policy, batch)
         reference_chosen_logps = reference_rejected_logps = None
         if self.reference_model is not None:
-            with torch.no_grad():
-                reference_chosen_logps, reference_rejected_logps = self.forward(self.reference_model, batch)
+            reference_chosen_logps, reference_rejected_logps = self.reference_forward(batch)
         output = self.loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
         n_pairs = policy_chosen_logps.size(0)
         check_loss_output(self, output, n_pairs, n_pairs, n_pairs)
@@ -335,9 +339,7 @@ class UnpairedPreferenceTrainer(BasicTrainer):
         reference_chosen_logps = reference_rejected_logps = None
         extra, metrics = {}, {}
         if self.reference_model is not None:
-            with torch.no_grad():
-                reference_chosen_logps, reference_rejected_logps, reference_kl_logps = \
-                    self.forward(self.reference_model, batch)
+            reference_chosen_logps, reference_rejected_logps, reference_kl_logps = self.reference_forward(batch)
             if self.uses_kl_rows:
                 # The reference point is a mean over the whole global batch, so it is averaged over processes.
                 extra["kl_estimate"] = distributed.all_reduce_mean(
