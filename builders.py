@@ -11,6 +11,7 @@ from checkpoints import load_weights
 from configuration import resolve_class, resolve_path
 from distributed import rank0_print, shard_model, world_size
 from models import grow_embeddings, load_causal_lm
+from reference_cache import CachedReference, LogpStore, cache_fingerprint, cache_path
 
 DATALOADER_KWARG_KEYS = ("frac_unique_desirable", "frac_unique_undesirable")
 
@@ -49,6 +50,7 @@ def build_models(config: DictConfig, device: torch.device, vocab_size: int,
     so checkpoints of csft runs load into them. `wrap_policy` (the trainer's) builds the trained module around the
     causal LM, e.g. PPO's value head, before sharding so that the head is sharded and synchronised too. With several
     processes both models are sharded with FSDP (distributed.shard_model); in one process they move to `device`.
+    With cache_reference_logprobs the reference comes wrapped in a reference_cache.CachedReference.
     """
     policy = load_causal_lm(config.model, config.model.policy_dtype, config.seed)
     reference = load_causal_lm(config.model, config.model.reference_dtype, config.seed) \
@@ -63,9 +65,12 @@ def build_models(config: DictConfig, device: torch.device, vocab_size: int,
     if config.model.activation_checkpointing:
         # Recompute each block's activations during backward instead of storing them; the reference model runs
         # without gradients and has nothing to save.
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if reference is not None:
         reference.requires_grad_(False).eval()
+    # Hashed before sharding, while every process holds all the weights.
+    fingerprint = cache_fingerprint(config, reference) \
+        if reference is not None and config.cache_reference_logprobs else None
     policy = wrap_policy(policy)
     for model in filter(None, (policy, reference)):
         if world_size() > 1:
@@ -73,6 +78,8 @@ def build_models(config: DictConfig, device: torch.device, vocab_size: int,
             shard_model(model, config.model.block_name, config.model.fsdp_policy_mp)
         else:
             model.to(device)
+    if fingerprint is not None:
+        reference = CachedReference(reference, LogpStore(cache_path(config.cache_dir, fingerprint), fingerprint))
     return policy, reference
 
 

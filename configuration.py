@@ -51,7 +51,7 @@ def resolve_path(value: str, cache_dir: str) -> Optional[Path]:
     return next((p for p in candidates if p.exists()), None)
 
 
-def _unknown_keys(prefix: str, present: Iterable[str], known: Set[str]) -> List[str]:
+def unknown_keys(prefix: str, present: Iterable[str], known: Set[str]) -> List[str]:
     problems = []
     for key in sorted(set(present) - known):
         close = difflib.get_close_matches(key, known, n=1)
@@ -71,7 +71,7 @@ def _interpolated_keys(config: DictConfig, prefix: str = "") -> Set[str]:
     return keys
 
 
-def _is_positive_int(value) -> bool:
+def is_positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
@@ -81,13 +81,13 @@ def _check_schema(config: DictConfig, loss_choice: str, search_dirs: Sequence[st
     OmegaConf.resolve(config)
     problems = [f"{key}: required but not set (pass {key}=...)" for key in sorted(OmegaConf.missing_keys(config))
                 if key not in derived]
-    problems += _unknown_keys("", config.keys(), yaml_keys(CONFIG_DIR / "config.yaml") | CONFIG_GROUPS)
-    problems += _unknown_keys("model.", config.model.keys(), yaml_keys(CONFIG_DIR / "model" / "base_model.yaml"))
-    problems += _unknown_keys("wandb.", config.wandb.keys(), {"enabled", "entity", "project"})
+    problems += unknown_keys("", config.keys(), yaml_keys(CONFIG_DIR / "config.yaml") | CONFIG_GROUPS)
+    problems += unknown_keys("model.", config.model.keys(), yaml_keys(CONFIG_DIR / "model" / "base_model.yaml"))
+    problems += unknown_keys("wandb.", config.wandb.keys(), {"enabled", "entity", "project"})
     loss_file = next((f for d in (CONFIG_DIR, *map(Path, search_dirs)) if (f := d / "loss" / f"{loss_choice}.yaml").exists()),
                      None)
     if loss_file is not None:
-        problems += _unknown_keys("loss.", config.loss.keys(), yaml_keys(loss_file))
+        problems += unknown_keys("loss.", config.loss.keys(), yaml_keys(loss_file))
     for key in ("name", "trainer", "dataloader", "use_reference_model"):
         if key not in config.loss:
             problems.append(f"loss.{key}: required in every loss config")
@@ -138,12 +138,12 @@ def _check_values(config: DictConfig, n_processes: int) -> List[str]:
     problems = []
     model = config.model
     for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length"):
-        if not _is_positive_int(model[key]):
+        if not is_positive_int(model[key]):
             problems.append(f"model.{key}: expected a positive integer, got {model[key]!r}")
     for key in ("batch_size", "eval_batch_size"):
-        if _is_positive_int(model[key]) and model[key] % n_processes:
+        if is_positive_int(model[key]) and model[key] % n_processes:
             problems.append(f"model.{key}: {model[key]} does not divide over {n_processes} processes")
-    if _is_positive_int(model.max_length) and _is_positive_int(model.max_prompt_length) \
+    if is_positive_int(model.max_length) and is_positive_int(model.max_prompt_length) \
             and model.max_prompt_length >= model.max_length:
         problems.append(f"model.max_prompt_length: {model.max_prompt_length} must be below "
                         f"model.max_length={model.max_length} so every response keeps at least one token")
@@ -161,11 +161,11 @@ def _check_values(config: DictConfig, n_processes: int) -> List[str]:
     if config.n_epochs is None and config.n_examples is None:
         problems.append("n_epochs: n_epochs and n_examples are both null; set at least one")
     for key in ("n_epochs", "n_examples", "n_eval_examples"):
-        if config[key] is not None and not _is_positive_int(config[key]):
+        if config[key] is not None and not is_positive_int(config[key]):
             problems.append(f"{key}: expected a positive integer or null, got {config[key]!r}")
-    if not _is_positive_int(config.eval_every):
+    if not is_positive_int(config.eval_every):
         problems.append(f"eval_every: expected a positive integer, got {config.eval_every!r}")
-    elif _is_positive_int(model.batch_size) and config.eval_every < model.batch_size:
+    elif is_positive_int(model.batch_size) and config.eval_every < model.batch_size:
         problems.append(f"eval_every: {config.eval_every} is smaller than model.batch_size={model.batch_size}")
     for key in ("frac_unique_desirable", "frac_unique_undesirable"):
         if not isinstance(config[key], (int, float)) or not 0 < config[key] <= 1:
@@ -173,6 +173,21 @@ def _check_values(config: DictConfig, n_processes: int) -> List[str]:
     if model.load_from is not None and resolve_path(str(model.load_from), config.cache_dir) is None:
         problems.append(f"model.load_from: {model.load_from} not found (looked under cache_dir={config.cache_dir} "
                         f"and the working directory)")
+    return problems
+
+
+def _check_speed_options(config: DictConfig) -> List[str]:
+    """pack_sequences and cache_reference_logprobs (docs/performance.md)."""
+    problems = [f"{key}: expected true or false, got {config[key]!r}"
+                for key in ("pack_sequences", "cache_reference_logprobs") if not isinstance(config[key], bool)]
+    if config.cache_reference_logprobs is True and "trainer" in config.loss:
+        try:
+            trainer = resolve_class(str(config.loss.trainer), "trainers")
+        except ConfigError:
+            return problems  # reported by the class check
+        if not getattr(trainer, "reference_logps_cacheable", False):
+            problems.append(f"cache_reference_logprobs: {trainer.__name__} reads the reference model outside "
+                            "sequence_logps (e.g. PPO's token log-probs), so its reference log-probs cannot be cached")
     return problems
 
 
@@ -186,7 +201,7 @@ def validate_train_config(config: DictConfig, loss_choice: str, n_processes: int
     problems = _check_schema(config, loss_choice, search_dirs)
     if not OmegaConf.is_missing(config, "mode") and config.mode not in TRAIN_MODES:
         problems.append(f"mode: train.py needs mode=train, got '{config.mode}' (sample/eval modes are for eval.py)")
-    problems += _check_values(config, n_processes) + _check_classes(config)
+    problems += _check_values(config, n_processes) + _check_classes(config) + _check_speed_options(config)
     if problems:
         raise ConfigError(f"invalid config ({len(problems)} problem{'s' * (len(problems) > 1)}):\n  - "
                           + "\n  - ".join(problems))

@@ -64,20 +64,24 @@ def launch(fn: Callable, *args: Any, use_fsdp: bool, port: Optional[int]) -> Non
 def spawn(fn: Callable, args: Sequence[Any], n_processes: int, port: Optional[int] = None) -> None:
     """Starts `n_processes` local processes that each run `fn(*args)` inside one process group, and waits for them.
 
-    A process that exits with an error ends the others; its own message has already been printed, so this process
-    exits with the same code.
+    When one process exits with an error the others are ended, and this raises HalosError naming it (the process
+    has printed its own message).
     """
     port = port or free_port()
     try:
         mp.spawn(_spawned_process, args=(n_processes, port, fn, tuple(args)), nprocs=n_processes, join=True)
     except mp.ProcessExitedException as e:
-        raise SystemExit(e.exit_code) from None
+        raise HalosError(f"training process {e.error_index} of {n_processes} exited with status {e.exit_code}"
+                         ) from None
 
 
 def _spawned_process(local_rank: int, n_processes: int, port: int, fn: Callable, args: tuple) -> None:
     # The same environment torchrun provides, so both launch paths initialise the group the same way.
     os.environ.update(MASTER_ADDR=LOCALHOST, MASTER_PORT=str(port), RANK=str(local_rank),
                       LOCAL_RANK=str(local_rank), WORLD_SIZE=str(n_processes))
+    if "OMP_NUM_THREADS" not in os.environ:
+        # Each process would start one thread per core; like torchrun, keep the processes from oversubscribing.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_processes))
     run_in_process_group(fn, *args)
 
 

@@ -9,13 +9,12 @@ the working directory). Outputs go to samples_dir: `{exp_name}.json` (sample), `
 `alpaca_{exp_name}.json` (alpacaeval). Sampling resumes after an interruption: rerun the same command.
 Formats and differences from the original: docs/evaluation.md.
 """
-import difflib
 import json
 import os
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import hydra
 import torch
@@ -25,7 +24,8 @@ from transformers import AutoTokenizer
 
 from builders import build_dataloader, build_models
 from checkpoints import load_weights
-from configuration import CONFIG_DIR, CONFIG_GROUPS, resolve_class, resolve_path, yaml_keys
+from configuration import (CONFIG_DIR, CONFIG_GROUPS, is_positive_int, resolve_class, resolve_path, unknown_keys,
+                           yaml_keys)
 from dataloader import DataLoader
 from models import control_tokens, from_pretrained, grow_embeddings, load_causal_lm, load_tokenizer
 from sampling import PartialSamples, sample_resumably
@@ -78,18 +78,6 @@ def prepare_argv(argv: List[str]) -> List[str]:
 
 
 # --- config --------------------------------------------------------------------------------------------------
-
-
-def unknown_keys(prefix: str, present, known) -> List[str]:
-    problems = []
-    for key in sorted(set(present) - set(known)):
-        close = difflib.get_close_matches(key, known, n=1)
-        problems.append(f"{prefix}{key}: unknown key" + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
-    return problems
-
-
-def is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def saved_policy_problem(config: DictConfig) -> Optional[str]:
@@ -199,10 +187,10 @@ def prompt_loader(config: DictConfig, tokenizer, datasets: List[str], n_prompts:
     return build_dataloader(sft_config, tokenizer, "test", batch_size=1, n_epochs=1, n_examples=n_prompts)
 
 
-def elements_of(loader: DataLoader):
+def elements_of(loader: DataLoader) -> Iterator[dict]:
     """The un-collated element dicts of a loader whose batches hold one example (so nothing is padded)."""
     for batch in loader:
-        yield {key: (value[0].tolist() if isinstance(value, torch.Tensor) else value[0]) for key, value in batch.items()}
+        yield {key: value[0].tolist() if isinstance(value, torch.Tensor) else value[0] for key, value in batch.items()}
 
 
 def sample_prompts(config: DictConfig, tokenizer, policy: torch.nn.Module, datasets: List[str],
@@ -249,9 +237,10 @@ def run_eval(config: DictConfig, tokenizer) -> Path:
     eval_epochs = 1 if config.n_eval_examples is None else None  # null: one full pass over the test split
     loader = build_dataloader(config, tokenizer, "test", config.model.eval_batch_size, eval_epochs,
                               config.n_eval_examples)
-    policy, reference = build_models(config, device, len(tokenizer))
-    policy = load_policy(config, tokenizer, base=policy).to(device)
     trainer_cls = resolve_class(config.loss.trainer, "trainers")
+    policy, reference = build_models(config, device, len(tokenizer))
+    # saved_policy holds the causal LM's weights; the trainer's wrapper (PPO's value head) goes around it after.
+    policy = trainer_cls.wrap_policy(load_policy(config, tokenizer, base=policy)).to(device)
     trainer = trainer_cls(tokenizer, config, None, loader, policy, reference, rank=0, world_size=1, device=device)
     metrics = trainer.evaluate()
     print(f"eval metrics: {formatted_dict(metrics)}")

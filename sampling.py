@@ -7,7 +7,8 @@ interrupted run continues where it stopped (see docs/evaluation.md).
 Differences from the original's `get_batch_samples`/`sample` (spec F-18):
 - Only nucleus sampling applies: `top_k=0` and `temperature=1.0` are passed explicitly. The original left the
   Hugging Face default `top_k=50` active beside `top_p` (and so does transformers today for `top_k=None`).
-- The response is decoded from the new token ids only, cut at the first EOS. The original decoded prompt and
+- The response is decoded from the new token ids only, cut at the first EOS (the tokenizer's, or one of the
+  model generation config's). The original decoded prompt and
   response together and cut `len(prompt_text)` characters, which breaks when decoding changes the prompt text.
 - Each batch's sampling RNG is seeded from (seed, batch index), so a resumed run samples what an uninterrupted
   run would have (the original seeded once per process).
@@ -32,12 +33,19 @@ class SamplingError(HalosError):
     """A partial sample file that cannot be resumed, or a prompt that leaves no room to generate."""
 
 
-def decode_until_eos(token_ids: torch.Tensor, tokenizer) -> str:
-    """Text of `token_ids` (T,) up to, not including, the first EOS; special tokens are skipped."""
+def stop_token_ids(policy: torch.nn.Module, tokenizer) -> List[int]:
+    """Ids that end a response: the tokenizer's EOS, which training appends to every response, and the EOS ids of
+    the model's generation config (e.g. Llama 3's end-of-turn token)."""
+    configured = policy.generation_config.eos_token_id
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return list(dict.fromkeys([tokenizer.eos_token_id, *configured]))
+
+
+def decode_until_stop(token_ids: torch.Tensor, stop_ids: List[int], tokenizer) -> str:
+    """Text of `token_ids` (T,) up to, not including, the first stop id; special tokens are skipped."""
     ids = token_ids.tolist()
-    if tokenizer.eos_token_id in ids:
-        ids = ids[:ids.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(ids, skip_special_tokens=True)
+    end = next((position for position, token in enumerate(ids) if token in stop_ids), len(ids))
+    return tokenizer.decode(ids[:end], skip_special_tokens=True)
 
 
 def generate_batch(policy: torch.nn.Module, tokenizer, prompt_input_ids: torch.Tensor,
@@ -53,7 +61,7 @@ def generate_batch(policy: torch.nn.Module, tokenizer, prompt_input_ids: torch.T
         top_p: nucleus threshold.
 
     Returns:
-        B strings: the newly generated text of each row, without the prompt and without EOS.
+        B strings: the newly generated text of each row, without the prompt, up to its first EOS.
     """
     prompt_length = prompt_input_ids.size(1)
     max_new_tokens = max_length - prompt_length
@@ -61,14 +69,15 @@ def generate_batch(policy: torch.nn.Module, tokenizer, prompt_input_ids: torch.T
         raise SamplingError(f"prompts padded to {prompt_length} tokens leave no room to generate within "
                             f"max_length={max_length}")
     device = next(policy.parameters()).device
+    stop_ids = stop_token_ids(policy, tokenizer)
     with torch.no_grad():
         output_ids = policy.generate(
             input_ids=prompt_input_ids.to(device), attention_mask=prompt_attention_mask.to(device),
             max_new_tokens=max_new_tokens, do_sample=True, top_p=top_p,
             # top_k=None would fall back to Hugging Face's default of 50; 0 disables it.
             top_k=0, temperature=1.0,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return [decode_until_eos(row, tokenizer) for row in output_ids[:, prompt_length:].cpu()]
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids)
+    return [decode_until_stop(row, stop_ids, tokenizer) for row in output_ids[:, prompt_length:].cpu()]
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -97,24 +106,31 @@ class PartialSamples:
     def read(self) -> None:
         text = self.path.read_text()
         lines = text.split("\n")[:-1]  # a last line without its newline was cut short by a crash
-        if text and not text.endswith("\n"):
-            self.path.write_text("".join(f"{line}\n" for line in lines))
         records = [self.parse(line, number) for number, line in enumerate(lines, 1)]
-        if not records or records[0].get("settings") != self.settings:
+        if records and records[0]["settings"] != self.settings:
             raise SamplingError(f"{self.path} holds samples made with other settings (policy, data, seed, batch "
                                 f"size or generation settings); delete it to start over, or rerun with the "
                                 f"settings it was started with")
         self.rows = {record["index"]: record for record in records[1:]}
+        if not text.endswith("\n") or not records:
+            # Rewritten (atomically) without the cut line, so that the next batch starts on a line of its own.
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(json.dumps(record) + "\n" for record in [{"settings": self.settings}, *records[1:]]))
+            os.replace(tmp, self.path)
 
     def parse(self, line: str, number: int) -> dict:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             record = None
-        valid_sample = isinstance(record, dict) and isinstance(record.get("index"), int) \
-            and all(isinstance(record.get(field), str) for field in SAMPLE_FIELDS)
-        if not (valid_sample or (number == 1 and isinstance(record, dict))):
-            raise SamplingError(f"{self.path}:{number} is not a sample line; delete the file to start over")
+        if number == 1:
+            valid = isinstance(record, dict) and "settings" in record
+        else:
+            valid = isinstance(record, dict) and isinstance(record.get("index"), int) \
+                and all(isinstance(record.get(field), str) for field in SAMPLE_FIELDS)
+        if not valid:
+            raise SamplingError(f"{self.path}:{number} is not a line of a partial sample file; delete the file to "
+                                f"start over")
         return record
 
     def write_lines(self, records: Iterable[dict]) -> None:
@@ -127,9 +143,6 @@ class PartialSamples:
     def add(self, rows: List[dict]) -> None:
         self.write_lines(rows)
         self.rows.update((row["index"], row) for row in rows)
-
-    def remove(self) -> None:
-        self.path.unlink()
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:

@@ -4,6 +4,7 @@ implement `get_batch_metrics` and, through it, their forward pass and loss.
 Add a loss by subclassing a trainer, overriding `loss` (a thin call into `losses.py`), and naming the class in a
 `config/loss/NAME.yaml` (see README: "Adding a loss").
 """
+import itertools
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -19,7 +20,9 @@ import losses
 from checkpoints import save_checkpoint
 from dataloader import CHOSEN_KEYS, KL_KEYS, REJECTED_KEYS, STATUS_KEY, TARGET_KEYS
 from models import CausalLMWithValueHead
-from utils import IGNORE_INDEX, HalosError, formatted_dict, get_batch_logps, get_token_logps, pad_to_length
+from reference_cache import CachedReference
+from utils import (IGNORE_INDEX, HalosError, formatted_dict, get_batch_logps, get_token_logps, pack_rows,
+                   packed_sequence_logps, pad_to_length)
 
 Metrics = Dict[str, torch.Tensor]
 
@@ -36,6 +39,7 @@ class BasicTrainer:
     """
 
     requires_reference_model = False  # subclasses whose loss needs reference log-probs set this
+    reference_logps_cacheable = False  # reference log-probs come only from sequence_logps (cache_reference_logprobs)
     compatible_dataloaders: Tuple[type, ...] = (dataloader.DataLoader,)  # loaders whose batches this trainer reads
 
     @classmethod
@@ -82,12 +86,32 @@ class BasicTrainer:
 
     def sequence_logps(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        labels: torch.Tensor) -> torch.Tensor:
-        """(B,) summed log-probs of the labelled tokens of (B, T) sequences. No KV cache: training needs none."""
-        logits = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return get_batch_logps(logits, labels)
+        """(B,) summed log-probs of the labelled tokens of (B, T) right-padded sequences. No KV cache: training needs
+        none. With pack_sequences the rows are packed first (utils.pack_rows), which drops the padding tokens from
+        the forward pass; a cached reference model answers from its cache."""
+        if isinstance(model, CachedReference):
+            return model.sequence_logps(input_ids, attention_mask, labels, live=self.sequence_logps)
+        # Packed rows need the block-diagonal causal mask Hugging Face builds from position_ids for sdpa and eager
+        # attention; flash-attention would need one single packed row, so it runs padded.
+        packed = pack_rows(input_ids, attention_mask, labels, self.tokenizer.pad_token_id) \
+            if self.config.pack_sequences and getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager") \
+            else None
+        if packed is None:
+            logits = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return get_batch_logps(logits, labels)
+        logits = model(packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits
+        return packed_sequence_logps(logits, packed)
 
     def reference_forward(self, batch: Dict):
-        """The subclass's `forward` outputs for the reference model, without gradients."""
+        """The subclass's `forward` outputs for the reference model, without gradients.
+
+        With cache_reference_logprobs the first call fills the cache from every train and eval batch, sliced for
+        this process as the loop slices them, and frees the reference model (reference_cache.py).
+        """
+        if isinstance(self.reference_model, CachedReference) and not self.reference_model.filled:
+            batches = (distributed.slice_batch_for_rank(batch, self.rank, self.world_size, self.device)
+                       for batch in itertools.chain(self.train_iterator, self.eval_batches))
+            self.reference_model.fill(batches, lambda batch: self.forward(self.reference_model, batch))
         with torch.no_grad():
             return self.forward(self.reference_model, batch)
 
@@ -272,6 +296,7 @@ class PairedPreferenceTrainer(BasicTrainer):
     """Losses over (chosen, rejected) pairs of responses to one prompt. Subclasses implement `loss`."""
 
     compatible_dataloaders = (dataloader.PairedPreferenceDataLoader,)
+    reference_logps_cacheable = True
 
     def forward(self, model: torch.nn.Module, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
         """(B,) chosen and (B,) rejected sequence log-probs from one concatenated forward pass."""
@@ -317,6 +342,7 @@ class UnpairedPreferenceTrainer(BasicTrainer):
 
     compatible_dataloaders = (dataloader.UnpairedPreferenceDataLoader, dataloader.SimpleKTODataLoader)
     uses_kl_rows = False
+    reference_logps_cacheable = True
 
     def forward(self, model: torch.nn.Module, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Chosen (n_c,), rejected (n_r,) and, with uses_kl_rows, KL-row (B,) log-probs from one forward pass."""

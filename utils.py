@@ -1,6 +1,6 @@
 """Small tensor and formatting helpers shared by trainers, models and scripts."""
 from pathlib import Path
-from typing import Dict, Mapping, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +30,56 @@ def pad_to_length(tensor: torch.Tensor, length: int, pad_value: float, dim: int 
     return torch.cat([tensor, tensor.new_full(pad_shape, pad_value)], dim=dim)
 
 
+# Logits per chunk of the log-prob computation: 4 Mi elements (16 MiB in float32) bounds its working memory whatever
+# the batch, length and vocabulary; at vocab 32k that is 131 positions per chunk.
+LOGPS_CHUNK_ELEMENTS = 1 << 22
+
+
+class _LabelLogps(torch.autograd.Function):
+    """log p(label) of each row of (N, V) logits, computed a chunk of rows at a time in float32.
+
+    Neither the (N, V) log-softmax nor a float32 copy of the whole logits is ever built, in forward or backward:
+    forward keeps one logsumexp per row (N,), and backward rebuilds each chunk's softmax from it.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        label_logps = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
+        logsumexp = torch.empty_like(label_logps)
+        for start in range(0, logits.size(0), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            chunk, chunk_labels = logits[rows].float(), labels[rows].unsqueeze(1)
+            # One fused log_softmax per chunk is about 2x faster on CPU than a separate logsumexp.
+            label_logps[rows] = torch.log_softmax(chunk, dim=-1).gather(1, chunk_labels).squeeze(1)
+            logsumexp[rows] = chunk.gather(1, chunk_labels).squeeze(1) - label_logps[rows]
+        ctx.save_for_backward(logits, labels, logsumexp)
+        ctx.chunk_rows = chunk_rows
+        return label_logps
+
+    @staticmethod
+    def backward(ctx, grad_label_logps: torch.Tensor):
+        logits, labels, logsumexp = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        in_place = logits.dtype == torch.float32  # then each chunk is computed in grad_logits itself, with no copy
+        for start in range(0, logits.size(0), ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            grad = grad_label_logps[rows].unsqueeze(1)
+            # d log p(label) / d logit_j = 1[j == label] - softmax_j
+            chunk = torch.sub(logits[rows].float(), logsumexp[rows].unsqueeze(1),
+                              out=grad_logits[rows] if in_place else None)
+            chunk.exp_().mul_(-grad).scatter_add_(1, labels[rows].unsqueeze(1), grad)
+            if not in_place:
+                grad_logits[rows] = chunk
+        return grad_logits, None, None
+
+
 def get_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities of the labels, in float32 whatever the model dtype.
 
-    Token t is predicted by the logits at position t-1, so the outputs cover positions 1..T-1.
+    Token t is predicted by the logits at position t-1, so the outputs cover positions 1..T-1. The log-softmax is
+    computed in chunks of LOGPS_CHUNK_ELEMENTS logits (see `_LabelLogps`), so the memory it adds to the logits is a
+    few chunks instead of a (B, T, V) float32 tensor (docs/performance.md). The original computed it in the policy
+    dtype, bf16 by default (F-06).
 
     Args:
         logits: (B, T, V) model outputs.
@@ -44,11 +90,15 @@ def get_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.T
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} must agree on (batch, length)")
-    labels = labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    log_probs = F.log_softmax(logits[:, :-1, :].float(), dim=-1)
-    token_logps = torch.gather(log_probs, 2, labels.masked_fill(~mask, 0).unsqueeze(2)).squeeze(2)
-    return token_logps * mask, mask
+    # Shifting the labels instead of the logits keeps the logits contiguous, so the (B*T, V) view copies nothing;
+    # the last position, which predicts nothing, gets a masked label.
+    next_labels = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), IGNORE_INDEX)], dim=1)
+    mask = next_labels != IGNORE_INDEX
+    vocab_size = logits.size(-1)
+    chunk_rows = max(1, LOGPS_CHUNK_ELEMENTS // vocab_size)
+    token_logps = _LabelLogps.apply(logits.reshape(-1, vocab_size), next_labels.masked_fill(~mask, 0).reshape(-1),
+                                    chunk_rows).view_as(mask)
+    return (token_logps * mask)[:, :-1], mask[:, :-1]
 
 
 def get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob: bool = False) -> torch.Tensor:
@@ -64,6 +114,72 @@ def get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob
     token_logps, mask = get_token_logps(logits, labels)
     summed = token_logps.sum(-1)
     return summed / mask.sum(-1).clamp(min=1) if average_log_prob else summed
+
+
+class PackedRows(NamedTuple):
+    """Right-padded (N, T) rows packed into (R, C) rows, R < N, several sequences per row.
+
+    Each sequence keeps its positions 0..len-1, and Hugging Face models given `position_ids` and no attention mask
+    attend only within each run of increasing positions, so every sequence sees exactly its padded-row context.
+    """
+
+    input_ids: torch.Tensor  # (R, C)
+    position_ids: torch.Tensor  # (R, C), restarting at 0 for each sequence (and for the padding that ends a row)
+    labels: torch.Tensor  # (R, C), IGNORE_INDEX at each sequence's first token and at padding
+    rows: torch.Tensor  # (R, C) long: the original row of each position, N at padding
+    n_rows: int  # N
+
+
+def first_fit_decreasing(lengths: List[int], capacity: int) -> List[List[int]]:
+    """Indices of `lengths` grouped into bins whose lengths sum to at most `capacity` (longest first)."""
+    bins, room = [], []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        target = next((b for b, free in enumerate(room) if free >= lengths[index]), None)
+        if target is None:
+            bins.append([])
+            room.append(capacity)
+            target = len(bins) - 1
+        bins[target].append(index)
+        room[target] -= lengths[index]
+    return bins
+
+
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+              pad_token_id: int) -> Optional[PackedRows]:
+    """Packs right-padded rows into as few rows of the longest row's length as fit; None if that saves no row.
+
+    Rows no longer than the longest keep the attention cost of the padded batch while the padding tokens are gone.
+    """
+    lengths = attention_mask.sum(1)
+    positions = torch.arange(input_ids.size(1), device=input_ids.device)
+    if not torch.equal(attention_mask.bool(), positions < lengths.unsqueeze(1)):
+        raise ValueError("pack_rows needs right-padded rows (each attention mask is 1s then 0s)")
+    lengths = lengths.tolist()
+    capacity = max(lengths)
+    bins = first_fit_decreasing(lengths, capacity)
+    if len(bins) == len(lengths):
+        return None
+    shape = (len(bins), capacity)
+    packed = PackedRows(input_ids.new_full(shape, pad_token_id), input_ids.new_zeros(shape),
+                        labels.new_full(shape, IGNORE_INDEX), input_ids.new_full(shape, len(lengths)), len(lengths))
+    for r, members in enumerate(bins):
+        start = 0
+        for row in members:
+            span, length = slice(start, start + lengths[row]), lengths[row]
+            packed.input_ids[r, span] = input_ids[row, :length]
+            packed.position_ids[r, span] = positions[:length]
+            packed.labels[r, start + 1:start + length] = labels[row, 1:length]
+            packed.rows[r, span] = row
+            start += length
+        packed.position_ids[r, start:] = positions[:capacity - start]
+    return packed
+
+
+def packed_sequence_logps(logits: torch.Tensor, packed: PackedRows) -> torch.Tensor:
+    """(N,) summed label log-probs of the original rows from the (R, C, V) logits of their packed rows."""
+    token_logps, _ = get_token_logps(logits, packed.labels)
+    sums = token_logps.new_zeros(packed.n_rows + 1)  # the extra slot collects the (zero) padding positions
+    return sums.index_add(0, packed.rows[:, 1:].reshape(-1), token_logps.reshape(-1))[:packed.n_rows]
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

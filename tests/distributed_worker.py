@@ -2,16 +2,21 @@
 
 The trainers here are the framework's own with two observers added: every logged optimizer step's metrics are
 appended, unrounded, to <run_dir>/steps.jsonl, and the saved policy's logits on a fixed probe are written beside the
-checkpoint. They are selected like any user trainer: `loss.trainer=distributed_worker.RecordingDPOTrainer`.
+checkpoint. They are selected like any user trainer: `loss.trainer=distributed_worker.RecordingDPOTrainer` (with
+tests/ on PYTHONPATH). `python tests/distributed_worker.py RUN_DIR RUN_DIR` prints how far two recorded runs differ.
 """
 import json
+import sys
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 from hydra import compose, initialize_config_dir
+from transformers import AutoConfig, AutoModelForCausalLM
 
+import distributed
 import trainers
+from checkpoints import load_checkpoint
 from train import train
 from utils import REPO_ROOT
 
@@ -64,7 +69,7 @@ def recorded_run_overrides(loss: str, exp_name: str, cache_dir: Path) -> List[st
     return [f"loss={loss}", "model=tiny", "datasets=[hh]", "mode=train", f"exp_name={exp_name}",
             f"cache_dir={cache_dir}", f"loss.trainer=distributed_worker.{RECORDING_TRAINERS[loss]}",
             "wandb.enabled=false", "n_epochs=null", "n_examples=16", "n_eval_examples=8", "model.batch_size=4",
-            "model.eval_batch_size=4", "minimum_log_interval_secs=0", "lr=1e-3", "warmup_steps=1",
+            "model.eval_batch_size=4", "minimum_log_interval_secs=0", "lr=1e-4", "warmup_steps=1",
             "model.max_length=96", "model.max_prompt_length=48"]
 
 
@@ -75,12 +80,83 @@ def run_recorded(loss: str, exp_name: str, cache_dir: Path, extra: Sequence[str]
     return train(config, loss)
 
 
-def run_recorded_many(runs: Sequence[Tuple[str, str, Sequence[str]]], cache_dir: Path) -> None:
-    """Several (loss, exp_name, extra overrides) runs one after another, in one process group (for spawn)."""
+def read_steps(run_dir: Path) -> List[Dict[str, float]]:
+    with open(run_dir / STEPS_FILE) as f:
+        return [json.loads(line) for line in f]
+
+
+def tiny_model() -> torch.nn.Module:
+    """The tiny Llama with seeded random weights (identical in every process)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(REPO_ROOT / "assets" / "tiny-llama"),
+                                                dtype=torch.float32)
+
+
+def collective_observations() -> Dict[str, list]:
+    """Gathers where ranks hold different numbers of rows (rank 0: 3 rows, rank 1: none) and a mean over ranks."""
+    rank = distributed.rank()
+    rows = torch.arange(6.0).reshape(3, 2) if rank == 0 else torch.empty(0, 2)
+    return {
+        "rows": distributed.all_gather_if_needed(rows).tolist(),
+        "ragged": distributed.all_gather_if_needed(torch.arange(rank + 1.0)).tolist(),
+        "scalars": distributed.all_gather_if_needed(torch.tensor(rank + 0.5)).tolist(),
+        "mean": distributed.all_reduce_mean(torch.tensor([rank + 1.0, 10.0 * rank])).tolist(),
+    }
+
+
+def state_dict_observations() -> Dict[str, float]:
+    """Keys of the full state dict of a sharded model on this rank, and its largest difference from the weights
+    before sharding (rank 0 only)."""
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    distributed.shard_model(model, "LlamaDecoderLayer", None)
+    full = distributed.full_state_dict(model)
+    same_keys = set(full) == set(before)
+    return {"n_keys": len(full), "same_keys": same_keys,
+            "max_diff": max((full[k] - before[k]).abs().max().item() for k in full) if same_keys else None}
+
+
+def checkpointing_observations() -> Dict[str, float]:
+    """One training step of the sharded tiny model with and without HF activation checkpointing: how often the
+    first block's attention runs (HF checkpoints the block's forward inside FSDP's hooks, so the recompute shows
+    in its submodules), and the largest difference between the two runs' gradients."""
+    ids = torch.arange(2, 42).reshape(2, 20) + 40 * distributed.rank()
+    calls, grads = {}, {}
+    for checkpointing in (False, True):
+        model = tiny_model()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        distributed.shard_model(model, "LlamaDecoderLayer", None)
+        model.train()
+        calls[checkpointing] = 0
+        model.model.layers[0].self_attn.register_forward_pre_hook(lambda *_, key=checkpointing: calls.__setitem__(key, calls[key] + 1))
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        grads[checkpointing] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    return {"attention_calls_plain": calls[False], "attention_calls_checkpointed": calls[True],
+            "grad_max_diff": max((grads[True][n] - grads[False][n]).abs().max().item() for n in grads[True])}
+
+
+def two_process_session(cache_dir: Path, runs: Sequence[Tuple[str, str, Sequence[str]]]) -> None:
+    """Everything the tests need from one 2-process group (starting processes is the slow part): each rank writes
+    its observations to <cache_dir>/observations-<rank>.json, then the recorded (loss, exp_name, extra) runs."""
+    observations = {"collectives": collective_observations(), "state_dict": state_dict_observations(),
+                    "checkpointing": checkpointing_observations()}
+    with open(cache_dir / f"observations-{distributed.rank()}.json", "w") as f:
+        json.dump(observations, f)
     for loss, exp_name, extra in runs:
         run_recorded(loss, exp_name, cache_dir, extra)
 
 
-def read_steps(run_dir: Path) -> List[Dict[str, float]]:
-    with open(run_dir / STEPS_FILE) as f:
-        return [json.loads(line) for line in f]
+def compare_runs(one_dir: Path, other_dir: Path) -> Dict[str, float]:
+    """Largest absolute differences between two recorded runs: per-step train loss and grad norm, final weights."""
+    steps = list(zip(read_steps(one_dir), read_steps(other_dir)))
+    one_weights, other_weights = (load_checkpoint(d / "LATEST" / "policy.pt")["state"] for d in (one_dir, other_dir))
+    return {"steps": len(steps),
+            **{f"max |diff| {key}": max(abs(a[key] - b[key]) for a, b in steps) for key in ("loss/train", "grad_norm")},
+            "max |diff| weights": max((one_weights[k] - other_weights[k]).abs().max().item() for k in one_weights)}
+
+
+if __name__ == "__main__":
+    # python tests/distributed_worker.py RUN_DIR RUN_DIR: the figures quoted in docs/distributed.md
+    print(json.dumps(compare_runs(Path(sys.argv[1]), Path(sys.argv[2])), indent=1))

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from transformers import GenerationConfig
 
 import compare
 import eval as eval_py
@@ -25,6 +26,8 @@ ALPACA_FIXTURE = REPO_ROOT / "tests" / "fixtures" / "alpaca_eval"
 TRAIN = ("loss=sft", "model=tiny", "datasets=[hh]", "mode=train", "exp_name=tiny", "wandb.enabled=false",
          "lr=1e-3", "warmup_steps=2", "n_epochs=null", "n_examples=16", "do_first_eval=false", "n_eval_examples=8")
 N_SAMPLES = 10
+SHORT = "++model.max_length=144"  # prompt + response budget: short responses keep CPU sampling fast
+SAMPLE = ("++mode=sample", f"++n_samples={N_SAMPLES}", SHORT)
 REAL_GENERATE_BATCH = sampling.generate_batch
 
 
@@ -54,7 +57,7 @@ def eval_cli(run_dir: Path, cwd: Path, *overrides: str) -> subprocess.CompletedP
 def cli_samples(run_dir, tmp_path_factory):
     """(working directory, sample file) of `eval.py ++mode=sample ++n_samples=10` run as a subprocess."""
     cwd = tmp_path_factory.mktemp("cli")
-    result = eval_cli(run_dir, cwd, "++mode=sample", f"++n_samples={N_SAMPLES}", "++samples_dir=samples/")
+    result = eval_cli(run_dir, cwd, *SAMPLE, "++samples_dir=samples/")
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd, cwd / "samples" / "tiny.json"
 
@@ -92,9 +95,9 @@ def test_sample_file_has_the_test_prompts_their_targets_and_nothing_else(run_dir
 
 
 def test_same_seed_same_samples_other_seed_other_samples(run_dir, cli_samples, tmp_path):
-    again = run_eval(run_dir, "++mode=sample", f"++n_samples={N_SAMPLES}", f"++samples_dir={tmp_path / 'a'}")
+    again = run_eval(run_dir, *SAMPLE, f"++samples_dir={tmp_path / 'a'}")
     assert read_samples(again) == read_samples(cli_samples[1])
-    other = run_eval(run_dir, "++mode=sample", f"++n_samples={N_SAMPLES}", f"++samples_dir={tmp_path / 'b'}",
+    other = run_eval(run_dir, *SAMPLE, f"++samples_dir={tmp_path / 'b'}",
                      "++seed=2")
     assert [s["policy"] for s in read_samples(other)] != [s["policy"] for s in read_samples(again)]
 
@@ -118,7 +121,7 @@ def count_generated_rows(monkeypatch, fail_after_batches=None) -> list:
 
 
 def test_an_interrupted_run_resumes_with_exactly_the_uninterrupted_samples(run_dir, tmp_path, monkeypatch):
-    args = ("++mode=sample", f"++n_samples={N_SAMPLES}", "++model.eval_batch_size=4")
+    args = (*SAMPLE, "++model.eval_batch_size=4")
     uninterrupted = read_samples(run_eval(run_dir, *args, f"++samples_dir={tmp_path / 'whole'}"))
 
     samples_dir = tmp_path / "resumed"
@@ -140,7 +143,7 @@ def test_an_interrupted_run_resumes_with_exactly_the_uninterrupted_samples(run_d
 
 
 def test_a_partial_file_from_other_settings_is_refused(run_dir, tmp_path, monkeypatch):
-    args = ("++mode=sample", "++n_samples=4", "++model.eval_batch_size=2", f"++samples_dir={tmp_path}")
+    args = ("++mode=sample", "++n_samples=4", SHORT, "++model.eval_batch_size=2", f"++samples_dir={tmp_path}")
     count_generated_rows(monkeypatch, fail_after_batches=1)
     with pytest.raises(Interrupted):
         run_eval(run_dir, *args)
@@ -164,7 +167,7 @@ def test_eval_mode_reproduces_the_final_eval_of_training(run_dir, tmp_path):
 
 def test_alpacaeval_exports_every_instruction(run_dir, tmp_path):
     # 3 instructions in batches of 2: the last, smaller batch is sampled too.
-    output = run_eval(run_dir, "++mode=alpacaeval", f"++local_datasets.alpacaeval={ALPACA_FIXTURE}",
+    output = run_eval(run_dir, "++mode=alpacaeval", SHORT, f"++local_datasets.alpacaeval={ALPACA_FIXTURE}",
                       "++model.eval_batch_size=2", "++n_samples=1", f"++samples_dir={tmp_path}")
     assert output == tmp_path / "alpaca_tiny.json"
     exported = json.loads(output.read_text())
@@ -178,7 +181,7 @@ def test_alpacaeval_exports_every_instruction(run_dir, tmp_path):
 
 
 def test_saved_policy_null_samples_the_base_model(run_dir, cli_samples, tmp_path):
-    output = run_eval(run_dir, "++mode=sample", f"++n_samples={N_SAMPLES}", "++saved_policy=null",
+    output = run_eval(run_dir, *SAMPLE, "++saved_policy=null",
                       "++exp_name=tiny_base", f"++samples_dir={tmp_path}")
     assert output == tmp_path / "tiny_base.json"
     base, trained = read_samples(output), read_samples(cli_samples[1])
@@ -191,7 +194,7 @@ def test_a_hugging_face_model_directory_as_saved_policy(run_dir, cli_samples, tm
     model = load_causal_lm(OmegaConf.create(config["model"]), "float32", config["seed"])
     load_weights(model, run_dir / "LATEST" / "policy.pt")
     model.save_pretrained(tmp_path / "hf_policy")
-    output = run_eval(run_dir, "++mode=sample", f"++n_samples={N_SAMPLES}",
+    output = run_eval(run_dir, *SAMPLE,
                       f"++saved_policy={tmp_path / 'hf_policy'}", f"++samples_dir={tmp_path / 'out'}")
     assert read_samples(output) == read_samples(cli_samples[1])
 
@@ -234,9 +237,10 @@ def test_the_run_directory_is_taken_from_the_working_directory_and_checked(tmp_p
 class FakePolicy(torch.nn.Module):
     """Generates fixed token ids after the prompt and records the generation kwargs."""
 
-    def __init__(self, new_ids):
+    def __init__(self, new_ids, end_of_turn_id):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.generation_config = GenerationConfig(eos_token_id=[end_of_turn_id])
         self.new_ids = torch.tensor(new_ids)
         self.kwargs = None
 
@@ -246,19 +250,20 @@ class FakePolicy(torch.nn.Module):
 
 
 def test_generate_batch_decodes_only_the_new_tokens_up_to_eos(tiny_tokenizer):
-    eos = tiny_tokenizer.eos_token_id
+    eos, end_of_turn = tiny_tokenizer.eos_token_id, 2
     hello, world = (tiny_tokenizer.encode(word, add_special_tokens=False) for word in ("Hello", " world"))
-    width = len(hello) + len(world) + 1
-    new_ids = [hello + world + [eos], hello + [eos] + world]
-    policy = FakePolicy([row + [eos] * (width - len(row)) for row in new_ids])
-    prompts = torch.tensor([[eos, 5, 6], [7, 8, 9]])  # row 0 is left-padded
-    texts = sampling.generate_batch(policy, tiny_tokenizer, prompts, torch.tensor([[0, 1, 1], [1, 1, 1]]),
-                                    max_length=20, top_p=0.9)
-    assert texts == ["Hello world", "Hello"]
-    # The budget counts the padded prompt; only nucleus sampling (no top-k) at temperature 1.
+    new_ids = [hello + world + [eos], hello + [eos] + world, world + [end_of_turn] + hello]
+    width = max(len(row) for row in new_ids)
+    policy = FakePolicy([row + [eos] * (width - len(row)) for row in new_ids], end_of_turn)
+    prompts = torch.tensor([[eos, 5, 6], [7, 8, 9], [7, 8, 9]])  # row 0 is left-padded
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [1, 1, 1]])
+    texts = sampling.generate_batch(policy, tiny_tokenizer, prompts, mask, max_length=20, top_p=0.9)
+    assert texts == ["Hello world", "Hello", " world"]
+    # The budget counts the padded prompt; only nucleus sampling (no top-k) at temperature 1; generation stops at
+    # the tokenizer's EOS and at the model's own EOS ids.
     assert policy.kwargs["max_new_tokens"] == 17
-    assert {k: policy.kwargs[k] for k in ("do_sample", "top_p", "top_k", "temperature")} == \
-        {"do_sample": True, "top_p": 0.9, "top_k": 0, "temperature": 1.0}
+    assert {k: policy.kwargs[k] for k in ("do_sample", "top_p", "top_k", "temperature", "eos_token_id")} == \
+        {"do_sample": True, "top_p": 0.9, "top_k": 0, "temperature": 1.0, "eos_token_id": [eos, end_of_turn]}
 
 
 def test_samples_round_trip_through_compare(run_dir, cli_samples, tmp_path, monkeypatch):

@@ -1,0 +1,204 @@
+"""FSDP across processes, proven on CPU with gloo: 2-process runs match 1-process runs step for step, checkpoints
+written by 2 processes load into one, gathers handle ragged ranks, and gradient accumulation changes nothing.
+
+Two processes start once per module (tests/distributed_worker.two_process_session) and once more under torchrun;
+every number they produce is asserted here.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import distributed
+import distributed_worker as worker
+from builders import build_dataloader
+from checkpoints import load_checkpoint, load_weights
+from models import load_tokenizer
+from utils import REPO_ROOT, HalosError
+
+TWO_PROCESS_LOSSES = ("dpo", "kto")
+MIXED_PRECISION_RUN = ("sft", "sft-bf16", ("model.fsdp_policy_mp=bfloat16",))
+# 1 and 2 processes sum in different orders; per-step losses (up to ~400 for SFT's summed NLL) get a relative slack.
+LOSS_TOLERANCE = dict(rtol=1e-6, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def two_process_dir(tmp_path_factory):
+    """Runs the 2-process session: observations plus a recorded run per loss in TWO_PROCESS_LOSSES and bf16 SFT."""
+    cache_dir = tmp_path_factory.mktemp("two_processes")
+    runs = [(loss, f"{loss}-2", ()) for loss in TWO_PROCESS_LOSSES] + [MIXED_PRECISION_RUN]
+    distributed.spawn(worker.two_process_session, (cache_dir, runs), n_processes=2)
+    return cache_dir
+
+
+@pytest.fixture(scope="module")
+def one_process_dir(tmp_path_factory):
+    """The same recorded runs in this process alone (no process group), SFT included."""
+    cache_dir = tmp_path_factory.mktemp("one_process")
+    for loss in ("sft",) + TWO_PROCESS_LOSSES:
+        worker.run_recorded(loss, f"{loss}-1", cache_dir)
+    return cache_dir
+
+
+def observations(two_process_dir, rank):
+    with open(two_process_dir / f"observations-{rank}.json") as f:
+        return json.load(f)
+
+
+def weights(run_dir):
+    return load_checkpoint(run_dir / "LATEST" / "policy.pt")["state"]
+
+
+def assert_same_run(one_dir, two_dir):
+    """Per-step train loss and grad norm, final eval metrics and final weights agree between two runs."""
+    one_steps, two_steps = worker.read_steps(one_dir), worker.read_steps(two_dir)
+    assert len(one_steps) == len(two_steps) == 4, "expected one logged record per optimizer step"
+    for key in ("loss/train", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([s[key] for s in two_steps], dtype=torch.float64),
+                                   torch.tensor([s[key] for s in one_steps], dtype=torch.float64),
+                                   **LOSS_TOLERANCE, msg=lambda m: f"{key}: {m}")
+    one_eval = load_checkpoint(one_dir / "LATEST" / "policy.pt")["metrics"]
+    two_eval = load_checkpoint(two_dir / "LATEST" / "policy.pt")["metrics"]
+    assert one_eval.keys() == two_eval.keys()
+    for key in one_eval:
+        assert two_eval[key] == pytest.approx(one_eval[key], rel=1e-6, abs=1e-5), key
+    one_weights, two_weights = weights(one_dir), weights(two_dir)
+    assert one_weights.keys() == two_weights.keys()
+    for name in one_weights:
+        torch.testing.assert_close(two_weights[name], one_weights[name], rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def assert_trained(run_dir):
+    """The weights moved far beyond the 1e-5 tolerance, so agreeing weights mean something."""
+    initial = worker.tiny_model().state_dict()
+    final = weights(run_dir)
+    assert max((final[k] - initial[k]).abs().max().item() for k in final) > 1e-3
+
+
+def test_ragged_all_gather_and_mean_over_two_processes(two_process_dir):
+    for rank in (0, 1):
+        seen = observations(two_process_dir, rank)["collectives"]
+        assert seen["rows"] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]  # rank 1 held no rows
+        assert seen["ragged"] == [0.0, 0.0, 1.0]  # 1 row from rank 0, 2 from rank 1
+        assert seen["scalars"] == [0.5, 1.5]
+        assert seen["mean"] == [1.5, 5.0]
+
+
+def test_full_state_dict_is_whole_on_rank_0_and_empty_elsewhere(two_process_dir):
+    rank0, rank1 = (observations(two_process_dir, rank)["state_dict"] for rank in (0, 1))
+    assert rank0["same_keys"] and rank0["max_diff"] == 0.0
+    assert rank1["n_keys"] == 0
+
+
+def test_activation_checkpointing_recomputes_sharded_blocks_with_the_same_gradients(two_process_dir):
+    for rank in (0, 1):
+        seen = observations(two_process_dir, rank)["checkpointing"]
+        assert (seen["attention_calls_plain"], seen["attention_calls_checkpointed"]) == (1, 2)
+        assert seen["grad_max_diff"] == 0.0
+
+
+@pytest.mark.parametrize("loss", TWO_PROCESS_LOSSES)
+def test_two_processes_match_one(loss, one_process_dir, two_process_dir):
+    assert_same_run(one_process_dir / f"{loss}-1", two_process_dir / f"{loss}-2")
+    assert_trained(two_process_dir / f"{loss}-2")
+
+
+def test_torchrun_sft_with_activation_checkpointing_matches_one_process(one_process_dir, tmp_path):
+    """The real entry point under torchrun; SFT's gradient norm (~50) is above max_grad_norm=10, so clipping acts."""
+    overrides = worker.recorded_run_overrides("sft", "sft-torchrun", tmp_path) + ["model.activation_checkpointing=true"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", *overrides], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert max(step["grad_norm"] for step in worker.read_steps(tmp_path / "sft-torchrun")) > 10
+    assert_same_run(one_process_dir / "sft-1", tmp_path / "sft-torchrun")
+
+
+def test_checkpoint_from_two_processes_gives_identical_logits_in_one(two_process_dir):
+    checkpoint_dir = two_process_dir / "dpo-2" / "LATEST"
+    model = worker.tiny_model()
+    load_weights(model, checkpoint_dir / "policy.pt")
+    with torch.no_grad():
+        logits = model(worker.PROBE_IDS, use_cache=False).logits
+    assert torch.equal(logits, torch.load(checkpoint_dir / worker.PROBE_FILE))
+
+
+def test_bf16_mixed_precision_keeps_fp32_weights_and_tracks_fp32(one_process_dir, two_process_dir):
+    bf16_steps, fp32_steps = (worker.read_steps(d) for d in (two_process_dir / "sft-bf16", one_process_dir / "sft-1"))
+    bf16_losses = torch.tensor([s["loss/train"] for s in bf16_steps])
+    fp32_losses = torch.tensor([s["loss/train"] for s in fp32_steps])
+    assert not torch.equal(bf16_losses, fp32_losses), "bf16 compute should round differently from fp32"
+    torch.testing.assert_close(bf16_losses, fp32_losses, rtol=1e-2, atol=0)
+    assert all(w.dtype == torch.float32 for w in weights(two_process_dir / "sft-bf16").values())
+
+
+def accumulation_runs(loss, tmp_path, shapes):
+    """(per-step records, final weights) of 8-example runs for each (batch_size, gradient_accumulation_steps)."""
+    results = []
+    for batch_size, accumulation in shapes:
+        run_dir = worker.run_recorded(loss, f"{loss}-{batch_size}x{accumulation}", tmp_path, [
+            "n_examples=8", f"model.batch_size={batch_size}", f"model.gradient_accumulation_steps={accumulation}",
+            "do_first_eval=false"]).parent
+        results.append((worker.read_steps(run_dir), weights(run_dir)))
+    return results
+
+
+def assert_accumulation_invariant(results):
+    (base_steps, base_weights), *others = results
+    assert len(base_steps) == 2
+    for steps, final in others:
+        for key in ("loss/train", "grad_norm"):
+            torch.testing.assert_close(torch.tensor([s[key] for s in steps], dtype=torch.float64),
+                                       torch.tensor([s[key] for s in base_steps], dtype=torch.float64),
+                                       **LOSS_TOLERANCE, msg=lambda m: f"{key}: {m}")
+        for name in base_weights:
+            torch.testing.assert_close(final[name], base_weights[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["sft", "dpo", "kto-zero"])
+def test_gradient_accumulation_changes_nothing(loss, tmp_path):
+    """4 x 1 == 2 x 2 == 1 x 4. Each micro-batch's loss is a mean over all of its rows (for unpaired losses chosen
+    and rejected together, never a mean per class), so the mean of equal-sized micro-batch means is the mean of
+    the whole step however the classes fall."""
+    assert_accumulation_invariant(accumulation_runs(loss, tmp_path, [(4, 1), (2, 2), (1, 4)]))
+
+
+def test_unpaired_micro_batches_hold_unequal_class_counts(compose_config, tmp_path):
+    """What makes kto-zero's accumulation test meaningful: its micro-batches of 2 do not split classes evenly."""
+    config = compose_config(*worker.recorded_run_overrides("kto-zero", "counts", tmp_path))
+    OmegaConf.resolve(config)
+    loader = build_dataloader(config, load_tokenizer(config.model), "train", 2, None, 8)
+    assert len({batch["status"].count("chosen") for batch in loader}) > 1
+
+
+@pytest.mark.xfail(strict=True, reason="KTO's reference point z is a statistic of each micro-batch (its KL rows pair "
+                   "responses within the micro-batch and their mean is taken per micro-batch, as in the original), "
+                   "so accumulating 2 x 2 differs from 4 x 1 from the second step on; see docs/distributed.md")
+def test_gradient_accumulation_changes_nothing_for_kto(tmp_path):
+    assert_accumulation_invariant(accumulation_runs("kto", tmp_path, [(4, 1), (2, 2)]))
+
+
+def test_several_processes_without_fsdp_are_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(HalosError, match="use_fsdp=false cannot train on 2 processes .DDP is not implemented"):
+        distributed.launch(pytest.fail, use_fsdp=False, port=None)
+
+
+def test_unknown_block_name_lists_the_model_blocks():
+    with pytest.raises(HalosError, match="model.block_name=GPTNeoXLayer names no module of LlamaForCausalLM.*"
+                                         "its repeated blocks are: LlamaDecoderLayer$"):
+        distributed.shard_model(worker.tiny_model(), "GPTNeoXLayer", None)
+
+
+def test_clip_grad_norm_returns_the_global_norm_and_scales_to_max_norm():
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))]
+    params[0].grad, params[1].grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])
+    assert distributed.clip_grad_norm(params, max_norm=1.0) == pytest.approx(5.0)
+    torch.testing.assert_close(torch.cat([p.grad for p in params]), torch.tensor([0.6, 0.0, 0.8]))
+    assert distributed.clip_grad_norm(params, max_norm=10.0) == pytest.approx(1.0, abs=1e-6)  # below: untouched
+    torch.testing.assert_close(torch.cat([p.grad for p in params]), torch.tensor([0.6, 0.0, 0.8]))
