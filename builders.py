@@ -7,7 +7,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import dataloader
-from checkpoints import load_weights
+from checkpoints import load_weights, weights_location
 from configuration import resolve_class, resolve_path
 from distributed import rank0_print, shard_model, world_size
 from models import grow_embeddings, load_causal_lm
@@ -44,7 +44,8 @@ def build_train_and_eval_loaders(config: DictConfig, tokenizer) -> Tuple[dataloa
 def build_models(config: DictConfig, device: torch.device, vocab_size: int,
                  wrap_policy: Callable[[torch.nn.Module], torch.nn.Module] = lambda policy: policy
                  ) -> Tuple[torch.nn.Module, Optional[torch.nn.Module]]:
-    """Policy and (if the loss uses one) reference model, both starting from model.load_from when it is set.
+    """Policy and (if the loss uses one) reference model, both starting from model.load_from when it is set: a
+    policy.pt, a directory holding one, or a Hugging Face model directory (checkpoints.weights_location).
 
     Embeddings grow to `vocab_size` (the tokenizer's length, which includes any control tokens) before loading,
     so checkpoints of csft runs load into them. `wrap_policy` (the trainer's) builds the trained module around the
@@ -52,16 +53,22 @@ def build_models(config: DictConfig, device: torch.device, vocab_size: int,
     processes both models are sharded with FSDP (distributed.shard_model); in one process they move to `device`.
     With cache_reference_logprobs the reference comes wrapped in a reference_cache.CachedReference.
     """
-    policy = load_causal_lm(config.model, config.model.policy_dtype, config.seed)
-    reference = load_causal_lm(config.model, config.model.reference_dtype, config.seed) \
+    weights = None if config.model.load_from is None \
+        else weights_location(resolve_path(str(config.model.load_from), config.cache_dir))
+    # A Hugging Face model directory (e.g. an exported LATEST) is loaded as the model; a policy.pt is loaded into it.
+    model_config = OmegaConf.merge(config.model, {"name_or_path": str(weights), "from_config": False}) \
+        if weights is not None and weights.is_dir() else config.model
+    policy = load_causal_lm(model_config, config.model.policy_dtype, config.seed)
+    reference = load_causal_lm(model_config, config.model.reference_dtype, config.seed) \
         if config.loss.use_reference_model else None
     for model in filter(None, (policy, reference)):
         grow_embeddings(model, vocab_size)
-    if config.model.load_from is not None:
-        path = resolve_path(str(config.model.load_from), config.cache_dir)
+    if weights is not None and weights.is_file():
         for model in filter(None, (policy, reference)):
-            info = load_weights(model, path)
-        rank0_print(f"loaded weights from {path} (trained on {info['step_idx']} examples; metrics {info['metrics']})")
+            info = load_weights(model, weights)
+        rank0_print(f"loaded weights from {weights} (trained on {info['step_idx']} examples; metrics {info['metrics']})")
+    elif weights is not None:
+        rank0_print(f"loaded the model from the Hugging Face model directory {weights}")
     if config.model.activation_checkpointing:
         # Recompute each block's activations during backward instead of storing them; the reference model runs
         # without gradients and has nothing to save.
@@ -99,8 +106,11 @@ def wandb_mode() -> str:
     return "online" if has_login else "offline"
 
 
-def init_wandb(config: DictConfig) -> bool:
-    """Starts the wandb run on the main process; returns whether metrics should be logged."""
+def init_wandb(config: DictConfig, run_id: Optional[str] = None) -> bool:
+    """Starts the wandb run on the main process; returns whether metrics should be logged.
+
+    `run_id` (a resumed run's, from its checkpoint) continues that wandb run instead of starting a new one.
+    """
     if not config.wandb.enabled or config.debug:
         return False
     import wandb
@@ -109,7 +119,7 @@ def init_wandb(config: DictConfig) -> bool:
     os.makedirs(config.cache_dir, exist_ok=True)
     os.environ.setdefault("WANDB_CACHE_DIR", config.cache_dir)
     wandb.init(entity=config.wandb.entity, project=config.wandb.project, name=config.exp_name, mode=mode,
-               dir=config.cache_dir, config=OmegaConf.to_container(config, resolve=True))
+               dir=config.cache_dir, config=OmegaConf.to_container(config, resolve=True), id=run_id, resume="allow")
     if mode == "offline":
         rank0_print(f"wandb: no login found, logging offline under {config.cache_dir}/wandb "
                     "(upload later with `wandb sync`)")

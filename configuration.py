@@ -176,6 +176,23 @@ def _check_values(config: DictConfig, n_processes: int) -> List[str]:
     return problems
 
 
+def _check_checkpoint_options(config: DictConfig) -> List[str]:
+    """resume_from, checkpoint_every, keep_last_checkpoints, export_intermediate, model.trust_remote_code
+    (docs/checkpoints.md)."""
+    problems = [f"{key}: expected a positive integer or null, got {config[key]!r}"
+                for key in ("checkpoint_every", "keep_last_checkpoints")
+                if config[key] is not None and not is_positive_int(config[key])]
+    problems += [f"{key}: expected true or false, got {value!r}"
+                 for key, value in (("export_intermediate", config.export_intermediate),
+                                    ("model.trust_remote_code", config.model.trust_remote_code))
+                 if not isinstance(value, bool)]
+    resume_from = config.resume_from
+    if resume_from not in (None, "auto") and resolve_path(str(resume_from), config.cache_dir) is None:
+        problems.append(f"resume_from: {resume_from} not found (looked under cache_dir={config.cache_dir} and the "
+                        "working directory); pass auto to continue this run, or a run directory")
+    return problems
+
+
 def _check_speed_options(config: DictConfig) -> List[str]:
     """pack_sequences and cache_reference_logprobs (docs/performance.md)."""
     problems = [f"{key}: expected true or false, got {config[key]!r}"
@@ -201,7 +218,8 @@ def validate_train_config(config: DictConfig, loss_choice: str, n_processes: int
     problems = _check_schema(config, loss_choice, search_dirs)
     if not OmegaConf.is_missing(config, "mode") and config.mode not in TRAIN_MODES:
         problems.append(f"mode: train.py needs mode=train, got '{config.mode}' (sample/eval modes are for eval.py)")
-    problems += _check_values(config, n_processes) + _check_classes(config) + _check_speed_options(config)
+    problems += _check_values(config, n_processes) + _check_classes(config) + _check_speed_options(config) \
+        + _check_checkpoint_options(config)
     if problems:
         raise ConfigError(f"invalid config ({len(problems)} problem{'s' * (len(problems) > 1)}):\n  - "
                           + "\n  - ".join(problems))

@@ -538,15 +538,26 @@ class DataLoader(ABC):
         return min(limits)
 
     def __iter__(self) -> Iterator[dict]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[dict]:
+        """The batches of one iteration from batch index `start` on (a resumed run's position).
+
+        The batches before `start` are drawn exactly as in a full iteration, so the RNG stays in step, but never
+        tokenised: skipping costs a shuffle per epoch, not a pass over the data.
+        """
         rng = random.Random(self.seed)
         items = self.epoch_items(rng)
         batches_left = self.total_examples // self.batch_size
+        index = 0
         while batches_left > 0:
             rng.shuffle(items)
             tally = TruncationTally()
             epoch_batches = min(batches_left, self.batches_per_epoch)
             for _, batch_items in zip(range(epoch_batches), self.group_batches(items)):
-                yield collate(self.tokenize_batch(batch_items, tally), self.tokenizer.pad_token_id)
+                if index >= start:
+                    yield collate(self.tokenize_batch(batch_items, tally), self.tokenizer.pad_token_id)
+                index += 1
             tally.report(self.name, self.max_prompt_length, self.max_length)
             batches_left -= epoch_batches
 

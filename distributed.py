@@ -1,17 +1,19 @@
 """Everything that depends on how many processes run: launching, FSDP sharding, rank queries, rank-0 I/O, gathers,
-gradient clipping, full state dicts and batch slicing.
+gradient clipping, full (unsharded) weights and optimizer state, and batch slicing.
 
 Every helper works without an initialised process group (one process, world size 1), so trainers and losses read
 the same in a single process and under torchrun. See docs/distributed.md.
 """
+import logging
 import os
 import socket
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -104,6 +106,9 @@ def run_in_process_group(fn: Callable, *args: Any) -> None:
         dist.init_process_group("cpu:gloo,cuda:nccl", device_id=local_device)
     else:
         dist.init_process_group("gloo")
+    if dist.get_rank() != 0:
+        # Every process loads the same data, so the data warnings would otherwise repeat once per process.
+        logging.getLogger("halos").setLevel(logging.ERROR)
     try:
         fn(*args)
     finally:
@@ -133,8 +138,9 @@ def shard_model(model: torch.nn.Module, block_name: Optional[str], mixed_precisi
     """
     blocks = [module for module in model.modules() if type(module).__name__ == block_name]
     if not blocks:
-        raise HalosError(f"model.block_name={block_name} names no module of {type(model).__name__}, so FSDP has "
-                         f"nothing to shard by; its repeated blocks are: {', '.join(repeated_block_names(model))}")
+        shown = "null" if block_name is None else block_name
+        raise HalosError(f"model.block_name={shown} names no module of {type(model).__name__}, so FSDP has nothing "
+                         f"to shard by; its repeated blocks are: {', '.join(repeated_block_names(model))}")
     dtype = getattr(torch, mixed_precision) if mixed_precision else None
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)
     mesh = init_device_mesh(device().type, (world_size(),))
@@ -144,7 +150,7 @@ def shard_model(model: torch.nn.Module, block_name: Optional[str], mixed_precisi
     return model
 
 
-def repeated_block_names(model: torch.nn.Module) -> list:
+def repeated_block_names(model: torch.nn.Module) -> List[str]:
     """Class names of the modules held in the model's ModuleLists: the candidates for model.block_name."""
     return sorted({type(child).__name__ for module in model.modules() if isinstance(module, torch.nn.ModuleList)
                    for child in module})
@@ -234,6 +240,28 @@ def full_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     if world_size() == 1:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+    """The optimizer's complete state on CPU, keyed by parameter names (so it loads under any number of processes);
+    {} on ranks other than 0. Under FSDP every rank must call this."""
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Loads complete weights (as full_state_dict returns them) into a model that may be sharded, strictly. Under
+    FSDP only rank 0 needs them (other ranks pass {}): every rank receives its shards from rank 0."""
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
+                                                                broadcast_from_rank0=world_size() > 1))
+
+
+def load_full_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                                   state: Dict[str, Any]) -> None:
+    """Loads what full_optimizer_state_dict returned into the optimizer of a model that may be sharded; under FSDP
+    only rank 0 needs it (other ranks pass {})."""
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True,
+                                                                               broadcast_from_rank0=world_size() > 1))
 
 
 def barrier() -> None:

@@ -35,6 +35,12 @@ def from_pretrained(load: Callable[..., Any], name_or_path: str, key: str, **kwa
         raise ModelLoadError(f"cannot load {key}='{name_or_path}'{where}: {reason}") from None
 
 
+def trusts_remote_code(model_config: DictConfig) -> bool:
+    """model.trust_remote_code: whether a model or tokenizer may run Python code shipped with it. Configs saved by
+    runs from before the key existed read as false."""
+    return bool(model_config.get("trust_remote_code", False))
+
+
 def load_tokenizer(model_config: DictConfig, control_tokens: Sequence[str] = ()) -> PreTrainedTokenizerBase:
     """The model's tokenizer; models without a pad token pad with EOS (padding is always masked out).
 
@@ -42,7 +48,8 @@ def load_tokenizer(model_config: DictConfig, control_tokens: Sequence[str] = ())
     """
     name = model_config.tokenizer_name_or_path or model_config.name_or_path
     key = "model.tokenizer_name_or_path" if model_config.tokenizer_name_or_path else "model.name_or_path"
-    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name, key)
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name, key,
+                                trust_remote_code=trusts_remote_code(model_config))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.eos_token_id
     if control_tokens:
@@ -61,10 +68,12 @@ def load_causal_lm(model_config: DictConfig, dtype: str, seed: int) -> PreTraine
     With `model.from_config` the architecture comes from name_or_path's config.json and the weights are random,
     drawn from a generator seeded with `seed`: the policy and reference model built this way are identical.
     """
-    kwargs = dict(dtype=getattr(torch, dtype),
+    trust_remote_code = trusts_remote_code(model_config)
+    kwargs = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
                   attn_implementation="flash_attention_2" if model_config.use_flash_attention else "sdpa")
     if model_config.from_config:
-        config = from_pretrained(AutoConfig.from_pretrained, model_config.name_or_path, "model.name_or_path")
+        config = from_pretrained(AutoConfig.from_pretrained, model_config.name_or_path, "model.name_or_path",
+                                 trust_remote_code=trust_remote_code)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, **kwargs)

@@ -8,7 +8,7 @@ process per GPU shards the models with FSDP, started here or by torchrun (see do
 """
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import hydra
 import torch
@@ -16,13 +16,26 @@ import transformers
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+import checkpoints
 import distributed
 from builders import build_models, build_train_and_eval_loaders, init_wandb
 from configuration import resolve_class, validate_train_config
 from models import control_tokens, load_tokenizer
+from trainers import TrainingInterrupted
 from utils import HalosError, register_resolvers
 
 register_resolvers()
+
+
+def prepare_run(config: DictConfig) -> Optional[checkpoints.ResumePoint]:
+    """Makes the run directory ready (failing now if cache_dir is unwritable), undoes what an interrupted save left
+    in it, and returns the checkpoint to resume from (resume_from), if any."""
+    run_dir = Path(config.local_run_dir)
+    if distributed.is_main_process():
+        checkpoints.prepare_run_dir(run_dir)
+        checkpoints.recover_interrupted_saves(run_dir)
+    distributed.barrier()
+    return checkpoints.find_resume_point(config)
 
 
 def train(config: DictConfig, loss_choice: str, search_dirs: Sequence[str] = ()) -> Path:
@@ -36,22 +49,31 @@ def train(config: DictConfig, loss_choice: str, search_dirs: Sequence[str] = ())
     run_dir = Path(config.local_run_dir)
     if config.saved_policy is None:
         config.saved_policy = str(run_dir / "LATEST" / "policy.pt")
+    resume = prepare_run(config)
+    if resume is not None and resume.state["finished"]:  # e.g. a requeued job whose run had already finished
+        distributed.rank0_print(f"{resume.directory} holds this run's final checkpoint "
+                                f"({resume.state['example_counter']} examples): nothing to resume")
+        return resume.directory
     if distributed.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(config, run_dir / "config.yaml")
         print(OmegaConf.to_yaml(config))
     transformers.set_seed(config.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
 
     tokenizer = load_tokenizer(config.model, control_tokens(config.loss))
+    if distributed.is_main_process():
+        tokenizer.save_pretrained(run_dir)  # eval.py reads it (with csft's control tokens) from the run directory
     train_loader, eval_loader = build_train_and_eval_loaders(config, tokenizer)
     device = distributed.device()
     trainer_cls = resolve_class(config.loss.trainer, "trainers")
     policy, reference = build_models(config, device, len(tokenizer), trainer_cls.wrap_policy)
+    if distributed.is_main_process():
+        checkpoints.check_free_space(run_dir, policy)
+    wandb_run_id = resume.state["wandb_run_id"] if resume is not None else None
     trainer = trainer_cls(tokenizer, config, train_loader, eval_loader, policy, reference,
                           rank=distributed.rank(), world_size=distributed.world_size(), device=device,
-                          log_to_wandb=distributed.is_main_process() and init_wandb(config))
-    trainer.train()
+                          log_to_wandb=distributed.is_main_process() and init_wandb(config, wandb_run_id))
+    trainer.train(resume.directory if resume is not None else None)
     checkpoint_dir = trainer.save()
     if trainer.log_to_wandb:
         import wandb
@@ -61,9 +83,13 @@ def train(config: DictConfig, loss_choice: str, search_dirs: Sequence[str] = ())
 
 
 def train_or_exit(config: DictConfig, loss_choice: str, search_dirs: Sequence[str]) -> None:
-    """train() in this process; a user error ends the process with one line on stderr and exit status 1."""
+    """train() in this process; a user error ends the process with one line on stderr and exit status 1, a stop by
+    SIGTERM/SIGINT (after writing a resumable checkpoint) with 128 + the signal's number."""
     try:
         train(config, loss_choice, search_dirs)
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(e.exit_code)
     except HalosError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

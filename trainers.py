@@ -5,30 +5,41 @@ Add a loss by subclassing a trainer, overriding `loss` (a thin call into `losses
 `config/loss/NAME.yaml` (see README: "Adding a loss").
 """
 import itertools
+import signal
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import dataloader
 import distributed
+import checkpoints
 import losses
-from checkpoints import save_checkpoint
+from checkpoints import LATEST, OPTIMIZER, POLICY, SCHEDULER, TRAINER_STATE, V_HEAD, load_checkpoint, save_checkpoint
 from dataloader import CHOSEN_KEYS, KL_KEYS, REJECTED_KEYS, STATUS_KEY, TARGET_KEYS
 from models import CausalLMWithValueHead
 from reference_cache import CachedReference
-from utils import (IGNORE_INDEX, HalosError, formatted_dict, get_batch_logps, get_token_logps, pack_rows,
-                   packed_sequence_logps, pad_to_length)
+from utils import (IGNORE_INDEX, HalosError, formatted_dict, get_token_logps, next_token_labels, pack_rows,
+                   pad_to_length, summed_label_logps)
 
 Metrics = Dict[str, torch.Tensor]
 
 
 class TrainingError(HalosError):
     """Training cannot continue (e.g. a non-finite loss)."""
+
+
+class TrainingInterrupted(HalosError):
+    """SIGTERM or SIGINT stopped training after a resumable checkpoint was written. `exit_code` is 128 + the
+    signal's number, the status a shell reports for a process that signal ended (143 for SIGTERM, 130 for SIGINT)."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number
 
 
 class BasicTrainer:
@@ -78,6 +89,8 @@ class BasicTrainer:
         self.run_dir = Path(config.local_run_dir)
         self.is_main = rank == 0
         self.example_counter = self.batch_counter = self.update_counter = 0
+        self.last_eval_metrics, self.last_eval_at = {}, None
+        self.last_save_at = 0  # example_counter of the last resumable checkpoint (or of the one resumed from)
         # Evaluation reuses the same batches every time, so they are built once.
         self.eval_batches = list(eval_iterator) if eval_iterator is not None else []
         distributed.rank0_print(f"Loaded {len(self.eval_batches)} eval batches of size {config.model.eval_batch_size}")
@@ -86,21 +99,29 @@ class BasicTrainer:
 
     def sequence_logps(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        labels: torch.Tensor) -> torch.Tensor:
-        """(B,) summed log-probs of the labelled tokens of (B, T) right-padded sequences. No KV cache: training needs
-        none. With pack_sequences the rows are packed first (utils.pack_rows), which drops the padding tokens from
-        the forward pass; a cached reference model answers from its cache."""
+        """(B,) summed log-probs of the labelled tokens of (B, T) right-padded sequences.
+
+        The model computes logits only where the next token is labelled (`logits_to_keep`), so its lm_head skips
+        prompt and padding positions; with pack_sequences the rows are packed first (utils.pack_rows), so the
+        padding tokens are not run at all. A cached reference model answers from its cache. No KV cache: training
+        needs none (and packed rows need none).
+        """
         if isinstance(model, CachedReference):
             return model.sequence_logps(input_ids, attention_mask, labels, live=self.sequence_logps)
+        n_rows = input_ids.size(0)
+        rows = torch.arange(n_rows, device=input_ids.device).unsqueeze(1).expand_as(input_ids)
+        layout = {"attention_mask": attention_mask}
         # Packed rows need the block-diagonal causal mask Hugging Face builds from position_ids for sdpa and eager
         # attention; flash-attention would need one single packed row, so it runs padded.
         packed = pack_rows(input_ids, attention_mask, labels, self.tokenizer.pad_token_id) \
             if self.config.pack_sequences and getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager") \
             else None
-        if packed is None:
-            logits = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
-            return get_batch_logps(logits, labels)
-        logits = model(packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits
-        return packed_sequence_logps(logits, packed)
+        if packed is not None:
+            input_ids, labels, rows, layout = packed.input_ids, packed.labels, packed.rows, \
+                {"position_ids": packed.position_ids}
+        next_labels = next_token_labels(labels)
+        logits = model(input_ids, logits_to_keep=next_labels != IGNORE_INDEX, use_cache=False, **layout).logits
+        return summed_label_logps(logits, next_labels, rows, n_rows)
 
     def reference_forward(self, batch: Dict):
         """The subclass's `forward` outputs for the reference model, without gradients.
@@ -130,48 +151,93 @@ class BasicTrainer:
 
     # --- loop ------------------------------------------------------------------------------------------------
 
-    def train(self) -> None:
+    def train(self, resume_from: Optional[Path] = None) -> None:
+        """Trains to the end of the data; given a resumable checkpoint directory, exactly from where it was written.
+
+        A resumable LATEST (weights, optimizer and scheduler state, RNG states, data position; docs/checkpoints.md)
+        is written at the first optimizer-step boundary after each evaluation and every checkpoint_every examples.
+        SIGTERM or SIGINT lets the current optimizer step finish, writes one and raises TrainingInterrupted.
+        """
         config = self.config
         self.optimizer = getattr(torch.optim, config.optimizer)(self.policy.parameters(), lr=config.lr)
         # Linear warmup from lr/(warmup+1) to lr over warmup_steps optimizer steps, then constant.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1)))
-        accumulation = config.model.gradient_accumulation_steps
-        pending = 0
+        if resume_from is not None:
+            self.restore(resume_from)
+        pending = 0  # micro-steps whose gradients wait for the next optimizer step
         metrics = defaultdict(list)
         last_log_time = None
-        self.last_eval_metrics, self.last_eval_at = {}, None
-        progress = tqdm(total=self.train_iterator.total_examples, unit="ex", desc="train", disable=not self.is_main)
-        for batch in self.train_iterator:
-            if self.example_counter % config.eval_every == 0 and (self.example_counter > 0 or config.do_first_eval):
-                self.evaluate_and_checkpoint()
-            start = time.time()
-            self.policy.train()
-            local_batch = distributed.slice_batch_for_rank(batch, self.rank, self.world_size, self.device)
-            for training_batch in self.training_passes(local_batch):
-                loss, batch_metrics = self.get_batch_metrics(training_batch, mode="train")
-                self.check_finite(loss)
-                (loss / accumulation).backward()
-                self.record(metrics, batch_metrics)
-                pending += 1
-                if pending == accumulation:
-                    metrics["grad_norm"].append(self.optimizer_step())
-                    pending = 0
-            batch_size = config.model.batch_size
-            metrics["examples_per_second"].append(batch_size / (time.time() - start))
-            self.batch_counter += 1
-            self.example_counter += batch_size
-            progress.update(batch_size)
-            if pending == 0 and (last_log_time is None or time.time() - last_log_time > config.minimum_log_interval_secs):
-                self.log_train_metrics(metrics, progress)
-                metrics.clear()
-                last_log_time = time.time()
-        progress.close()
+        progress = tqdm(total=self.train_iterator.total_examples, initial=self.example_counter, unit="ex",
+                        desc="train", disable=not self.is_main)
+        with progress, checkpoints.StopRequests() as stop:
+            # A resumed run starts at the first batch it has not trained on; the skipped ones are never tokenised.
+            for batch in self.train_iterator.iter_from(self.batch_counter):
+                if self.evaluation_due():
+                    self.evaluate_and_checkpoint()
+                if pending == 0 and self.resumable_checkpoint_due():
+                    self.save_resumable()
+                start = time.time()
+                pending = self.train_on_batch(batch, metrics, pending)
+                batch_size = config.model.batch_size
+                metrics["examples_per_second"].append(batch_size / (time.time() - start))
+                self.batch_counter += 1
+                self.example_counter += batch_size
+                progress.update(batch_size)
+                if pending == 0 and (last_log_time is None
+                                     or time.time() - last_log_time > config.minimum_log_interval_secs):
+                    self.log_train_metrics(metrics, progress)
+                    metrics.clear()
+                    last_log_time = time.time()
+                if pending == 0 and self.stop_requested(stop):
+                    self.stop_after_signal(stop.signal_number or signal.SIGTERM)
         if pending:
             distributed.rank0_print(f"warning: the data ended {pending} micro-batches into a gradient accumulation of "
-                                    f"{accumulation}; those gradients were not applied")
+                                    f"{config.model.gradient_accumulation_steps}; those gradients were not applied")
         if self.last_eval_at != self.example_counter:  # the original never evaluated the final policy
             self.evaluate_and_checkpoint(save_intermediate=False)
+
+    def train_on_batch(self, batch: Dict, metrics: Dict[str, list], pending: int) -> int:
+        """The forward/backward passes of one global batch, stepping the optimizer whenever
+        gradient_accumulation_steps micro-steps are pending; returns how many still are."""
+        accumulation = self.config.model.gradient_accumulation_steps
+        self.policy.train()
+        local_batch = distributed.slice_batch_for_rank(batch, self.rank, self.world_size, self.device)
+        for training_batch in self.training_passes(local_batch):
+            loss, batch_metrics = self.get_batch_metrics(training_batch, mode="train")
+            self.check_finite(loss)
+            (loss / accumulation).backward()
+            self.record(metrics, batch_metrics)
+            pending += 1
+            if pending == accumulation:
+                metrics["grad_norm"].append(self.optimizer_step())
+                pending = 0
+        return pending
+
+    def evaluation_due(self) -> bool:
+        """Every eval_every examples (and before the first batch with do_first_eval), once per example count: a
+        run resumed from a checkpoint written just after an evaluation does not repeat it."""
+        n = self.example_counter
+        return n % self.config.eval_every == 0 and (n > 0 or self.config.do_first_eval) and self.last_eval_at != n
+
+    def resumable_checkpoint_due(self) -> bool:
+        """After an evaluation (so that LATEST carries its metrics) and checkpoint_every examples after the last
+        resumable checkpoint; never with debug=true."""
+        if self.config.debug or self.example_counter == self.last_save_at:
+            return False
+        evaluated = self.last_eval_at is not None and self.last_eval_at > self.last_save_at
+        every = self.config.checkpoint_every
+        return evaluated or (every is not None and self.example_counter - self.last_save_at >= every)
+
+    def stop_requested(self, stop: checkpoints.StopRequests) -> bool:
+        """Whether any process received SIGTERM/SIGINT: all of them must stop after the same optimizer step."""
+        return distributed.all_reduce_mean(torch.tensor(float(stop.requested), device=self.device)).item() > 0
+
+    def stop_after_signal(self, signal_number: int) -> None:
+        self.save_resumable()
+        raise TrainingInterrupted(f"stopped by {signal.Signals(signal_number).name} after {self.example_counter} "
+                                  f"examples; {self.run_dir / LATEST} holds a resumable checkpoint: run the same "
+                                  "command with ++resume_from=auto to continue", signal_number)
 
     def optimizer_step(self) -> float:
         grad_norm = self.clip_gradient()
@@ -186,10 +252,12 @@ class BasicTrainer:
         return distributed.clip_grad_norm(self.policy.parameters(), self.config.model.max_grad_norm)
 
     def check_finite(self, loss: torch.Tensor) -> None:
+        """Stops on a NaN/inf loss before it reaches the weights; the last resumable checkpoint stays as it was."""
         if not torch.isfinite(loss).all():
+            saved = f"{self.run_dir / LATEST} (after {self.last_save_at} examples) is the last good checkpoint" \
+                if self.last_save_at else "no resumable checkpoint was written yet"
             raise TrainingError(f"the training loss became {loss.item()} at example {self.example_counter} "
-                                f"(batch {self.batch_counter}); nothing after the last checkpoint was saved. "
-                                "Lower lr or check the data")
+                                f"(batch {self.batch_counter}); {saved}. Lower lr or check the data")
 
     def record(self, store: Dict[str, list], batch_metrics: Metrics) -> None:
         """Appends every rank's values of each metric to `store` (floats)."""
@@ -226,6 +294,8 @@ class BasicTrainer:
         if save_intermediate and self.example_counter > 0 and self.config.intermediate_checkpoints \
                 and not self.config.debug:
             self.save(self.run_dir / f"step-{self.example_counter}", self.last_eval_metrics)
+            if self.is_main:
+                checkpoints.prune_step_dirs(self.run_dir, self.config.keep_last_checkpoints)
 
     def wandb_log(self, values: Dict[str, float]) -> None:
         if self.log_to_wandb and self.is_main:
@@ -235,22 +305,90 @@ class BasicTrainer:
 
     # --- checkpoints -----------------------------------------------------------------------------------------
 
-    def policy_state_dict(self) -> Dict[str, torch.Tensor]:
-        """Full (unsharded) policy weights on CPU, with Hugging Face parameter names (empty on ranks > 0)."""
-        return distributed.full_state_dict(self.policy)
+    def checkpoint_modules(self) -> Dict[str, torch.nn.Module]:
+        """Each weights file of a checkpoint and the module it holds; policy.pt is always the plain causal LM."""
+        return {POLICY: self.policy}
 
     def save(self, output_dir: Optional[Path] = None, metrics: Optional[Dict[str, float]] = None) -> Path:
-        """Writes policy.pt (+ tokenizer) to `output_dir` (default <run_dir>/LATEST) and the tokenizer to run_dir."""
-        output_dir = Path(output_dir or self.run_dir / "LATEST")
-        state = self.policy_state_dict()
-        if self.is_main:
-            save_checkpoint(output_dir / "policy.pt", state, self.example_counter,
-                            metrics if metrics is not None else self.last_eval_metrics)
-            self.tokenizer.save_pretrained(output_dir)
-            self.tokenizer.save_pretrained(self.run_dir)
-            distributed.rank0_print(f"saved policy after {self.example_counter} examples to {output_dir}")
-        distributed.barrier()
+        """Writes a checkpoint of the weights (+ tokenizer) to `output_dir` and returns it.
+
+        The default, <run_dir>/LATEST, is the finished run's: it also gets a trainer_state.pt marked finished and a
+        Hugging Face export. Other directories (step-<N>) get an export only with export_intermediate.
+        """
+        output_dir = Path(output_dir or self.run_dir / LATEST)
+        kind = "final" if output_dir == self.run_dir / LATEST else "intermediate"
+        self.write_checkpoint(output_dir, metrics if metrics is not None else self.last_eval_metrics, kind)
         return output_dir
+
+    def save_resumable(self) -> None:
+        """Writes <run_dir>/LATEST with everything `restore` needs to continue from this optimizer-step boundary."""
+        self.write_checkpoint(self.run_dir / LATEST, self.last_eval_metrics, "resumable")
+        self.last_save_at = self.example_counter
+
+    def write_checkpoint(self, output_dir: Path, metrics: Dict[str, float], kind: str) -> None:
+        """Writes a checkpoint directory atomically (checkpoints.write_atomically); every rank must call this.
+
+        kind: "intermediate" (weights and tokenizer), "resumable" (also optimizer.pt, scheduler.pt and
+        trainer_state.pt) or "final" (weights, trainer_state.pt marked finished, always a Hugging Face export).
+        """
+        states = {name: distributed.full_state_dict(module) for name, module in self.checkpoint_modules().items()}
+        optimizer_state = distributed.full_optimizer_state_dict(self.policy, self.optimizer) \
+            if kind == "resumable" else None
+        if self.is_main:
+            def write(directory: Path) -> None:
+                for name, state in states.items():
+                    save_checkpoint(directory / name, state, self.example_counter, metrics)
+                if optimizer_state is not None:
+                    save_checkpoint(directory / OPTIMIZER, optimizer_state, self.example_counter)
+                    save_checkpoint(directory / SCHEDULER, self.scheduler.state_dict(), self.example_counter)
+                if kind != "intermediate":
+                    save_checkpoint(directory / TRAINER_STATE, self.trainer_state(finished=kind == "final"),
+                                    self.example_counter, metrics)
+                self.tokenizer.save_pretrained(directory)
+                if kind == "final" or self.config.export_intermediate:
+                    checkpoints.export_hf(self.checkpoint_modules()[POLICY], states[POLICY], directory)
+
+            checkpoints.write_atomically(output_dir, write)
+            print(f"saved {kind} checkpoint after {self.example_counter} examples to {output_dir}")
+        distributed.barrier()
+
+    def trainer_state(self, finished: bool) -> Dict:
+        """trainer_state.pt: the data position (counters), the last evaluation, RNG states, the wandb run and the
+        config, all plain values that torch.load(weights_only=True) reads."""
+        return {"example_counter": self.example_counter, "batch_counter": self.batch_counter,
+                "update_counter": self.update_counter, "last_eval_at": self.last_eval_at,
+                "last_eval_metrics": {k: float(v) for k, v in self.last_eval_metrics.items()},
+                "rng": checkpoints.rng_states(), "wandb_run_id": self.wandb_run_id(), "finished": finished,
+                "config": OmegaConf.to_container(self.config, resolve=True)}
+
+    def wandb_run_id(self) -> Optional[str]:
+        if not self.log_to_wandb:
+            return None
+        import wandb
+
+        return wandb.run.id if wandb.run is not None else None
+
+    def restore(self, checkpoint_dir: Path) -> None:
+        """Continues from a resumable checkpoint: weights, optimizer and scheduler state, counters, last evaluation
+        and RNG states. Under FSDP rank 0 reads the weights and optimizer state and sends each rank its shards."""
+        def main_state(name: str) -> Dict:
+            return load_checkpoint(checkpoint_dir / name)["state"] if self.is_main else {}
+
+        try:
+            for name, module in self.checkpoint_modules().items():
+                distributed.load_full_state_dict(module, main_state(name))
+            distributed.load_full_optimizer_state_dict(self.policy, self.optimizer, main_state(OPTIMIZER))
+            self.scheduler.load_state_dict(load_checkpoint(checkpoint_dir / SCHEDULER)["state"])
+        except (RuntimeError, KeyError) as e:  # torch's mismatch messages run over many lines
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise checkpoints.CheckpointError(f"{checkpoint_dir} does not fit this run: {reason}") from None
+        state = load_checkpoint(checkpoint_dir / TRAINER_STATE)["state"]
+        self.example_counter, self.batch_counter = state["example_counter"], state["batch_counter"]
+        self.update_counter, self.last_save_at = state["update_counter"], state["example_counter"]
+        self.last_eval_at, self.last_eval_metrics = state["last_eval_at"], state["last_eval_metrics"]
+        checkpoints.restore_rng_states(state["rng"])
+        distributed.rank0_print(f"resumed from {checkpoint_dir} after {self.example_counter} examples "
+                                f"({self.batch_counter} batches, {self.update_counter} optimizer steps)")
 
 
 def concatenate_rows(batch: Dict, key_groups: Tuple, pad_token_id: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -335,9 +473,9 @@ class PairedPreferenceTrainer(BasicTrainer):
 class UnpairedPreferenceTrainer(BasicTrainer):
     """Losses over single responses labelled desirable ('chosen') or undesirable ('rejected').
 
-    Subclasses implement `loss`. With `uses_kl_rows`, each batch's mismatched (prompt, other response) rows run in
-    the same forward pass and their mean policy/reference log-ratio, averaged over processes, reaches `loss` as
-    `kl_estimate`.
+    Subclasses implement `loss`. With `uses_kl_rows`, each batch's mismatched (prompt, other response) rows also run
+    through the model (without gradients) and their mean policy/reference log-ratio, averaged over processes, reaches
+    `loss` as `kl_estimate`.
     """
 
     compatible_dataloaders = (dataloader.UnpairedPreferenceDataLoader, dataloader.SimpleKTODataLoader)
@@ -345,14 +483,20 @@ class UnpairedPreferenceTrainer(BasicTrainer):
     reference_logps_cacheable = True
 
     def forward(self, model: torch.nn.Module, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Chosen (n_c,), rejected (n_r,) and, with uses_kl_rows, KL-row (B,) log-probs from one forward pass."""
-        groups = (TARGET_KEYS, KL_KEYS) if self.uses_kl_rows else (TARGET_KEYS,)
-        input_ids, attention_mask, labels = concatenate_rows(batch, groups, self.tokenizer.pad_token_id)
-        logps = self.sequence_logps(model, input_ids, attention_mask, labels)
-        n_rows = batch[TARGET_KEYS.labels].size(0)
-        chosen = torch.tensor([status == "chosen" for status in batch[STATUS_KEY]], device=logps.device)
-        target_logps = logps[:n_rows]
-        return target_logps[chosen], target_logps[~chosen], (logps[n_rows:] if self.uses_kl_rows else None)
+        """Chosen (n_c,), rejected (n_r,) and, with uses_kl_rows, KL-row (B,) log-probs.
+
+        The KL rows get a forward pass of their own without gradients: the KL estimate is detached
+        (losses.kto_kl_estimate), so backpropagating through them, as one concatenated pass would, spends a third of
+        KTO's policy compute on zeros.
+        """
+        pad_token_id = self.tokenizer.pad_token_id
+        target_logps = self.sequence_logps(model, *concatenate_rows(batch, (TARGET_KEYS,), pad_token_id))
+        chosen = torch.tensor([status == "chosen" for status in batch[STATUS_KEY]], device=target_logps.device)
+        kl_logps = None
+        if self.uses_kl_rows:
+            with torch.no_grad():
+                kl_logps = self.sequence_logps(model, *concatenate_rows(batch, (KL_KEYS,), pad_token_id))
+        return target_logps[chosen], target_logps[~chosen], kl_logps
 
     def loss(self, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              reference_chosen_logps: Optional[torch.Tensor], reference_rejected_logps: Optional[torch.Tensor],
@@ -539,13 +683,5 @@ class PPOTrainer(BasicTrainer):
         return (distributed.clip_grad_norm(self.policy.pretrained_model.parameters(), model.max_grad_norm)
                 + distributed.clip_grad_norm(self.policy.v_head.parameters(), model.v_head_max_grad_norm))
 
-    def policy_state_dict(self) -> Dict[str, torch.Tensor]:
-        return distributed.full_state_dict(self.policy.pretrained_model)
-
-    def save(self, output_dir: Optional[Path] = None, metrics: Optional[Dict[str, float]] = None) -> Path:
-        output_dir = super().save(output_dir, metrics)
-        v_head_state = distributed.full_state_dict(self.policy.v_head)
-        if self.is_main:
-            save_checkpoint(output_dir / "v_head.pt", v_head_state, self.example_counter, metrics)
-        distributed.barrier()
-        return output_dir
+    def checkpoint_modules(self) -> Dict[str, torch.nn.Module]:
+        return {POLICY: self.policy.pretrained_model, V_HEAD: self.policy.v_head}

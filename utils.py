@@ -36,7 +36,7 @@ LOGPS_CHUNK_ELEMENTS = 1 << 22
 
 
 class _LabelLogps(torch.autograd.Function):
-    """log p(label) of each row of (N, V) logits, computed a chunk of rows at a time in float32.
+    """log p(label) of each row of (N, V) logits, computed a chunk of rows at a time in float32 (float64 stays).
 
     Neither the (N, V) log-softmax nor a float32 copy of the whole logits is ever built, in forward or backward:
     forward keeps one logsumexp per row (N,), and backward rebuilds each chunk's softmax from it.
@@ -44,11 +44,12 @@ class _LabelLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int) -> torch.Tensor:
-        label_logps = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        label_logps = torch.empty(logits.size(0), dtype=dtype, device=logits.device)
         logsumexp = torch.empty_like(label_logps)
         for start in range(0, logits.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
-            chunk, chunk_labels = logits[rows].float(), labels[rows].unsqueeze(1)
+            chunk, chunk_labels = logits[rows].to(dtype), labels[rows].unsqueeze(1)
             # One fused log_softmax per chunk is about 2x faster on CPU than a separate logsumexp.
             label_logps[rows] = torch.log_softmax(chunk, dim=-1).gather(1, chunk_labels).squeeze(1)
             logsumexp[rows] = chunk.gather(1, chunk_labels).squeeze(1) - label_logps[rows]
@@ -60,12 +61,12 @@ class _LabelLogps(torch.autograd.Function):
     def backward(ctx, grad_label_logps: torch.Tensor):
         logits, labels, logsumexp = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)
-        in_place = logits.dtype == torch.float32  # then each chunk is computed in grad_logits itself, with no copy
+        in_place = logits.dtype == logsumexp.dtype  # then each chunk is computed in grad_logits itself, with no copy
         for start in range(0, logits.size(0), ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             grad = grad_label_logps[rows].unsqueeze(1)
             # d log p(label) / d logit_j = 1[j == label] - softmax_j
-            chunk = torch.sub(logits[rows].float(), logsumexp[rows].unsqueeze(1),
+            chunk = torch.sub(logits[rows].to(logsumexp.dtype), logsumexp[rows].unsqueeze(1),
                               out=grad_logits[rows] if in_place else None)
             chunk.exp_().mul_(-grad).scatter_add_(1, labels[rows].unsqueeze(1), grad)
             if not in_place:
@@ -73,13 +74,23 @@ class _LabelLogps(torch.autograd.Function):
         return grad_logits, None, None
 
 
-def get_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probabilities of the labels, in float32 whatever the model dtype.
+def label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) log p(label) from (N, V) logits and (N,) valid label ids, in float32 (float64 logits stay float64).
 
-    Token t is predicted by the logits at position t-1, so the outputs cover positions 1..T-1. The log-softmax is
-    computed in chunks of LOGPS_CHUNK_ELEMENTS logits (see `_LabelLogps`), so the memory it adds to the logits is a
-    few chunks instead of a (B, T, V) float32 tensor (docs/performance.md). The original computed it in the policy
-    dtype, bf16 by default (F-06).
+    The log-softmax is computed in chunks of LOGPS_CHUNK_ELEMENTS logits, so the memory it adds to the logits is one
+    chunk instead of an (N, V) float32 tensor (docs/performance.md).
+    """
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"label_logps needs (N, V) logits and (N,) labels, got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}")
+    return _LabelLogps.apply(logits, labels, max(1, LOGPS_CHUNK_ELEMENTS // logits.size(-1)))
+
+
+def get_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities of the labels, in float32 for any model dtype (float64 logits stay float64).
+
+    Token t is predicted by the logits at position t-1, so the outputs cover positions 1..T-1. Chunked as in
+    `label_logps`. The original computed the log-softmax in the policy dtype, bf16 by default (F-06).
 
     Args:
         logits: (B, T, V) model outputs.
@@ -92,13 +103,30 @@ def get_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.T
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} must agree on (batch, length)")
     # Shifting the labels instead of the logits keeps the logits contiguous, so the (B*T, V) view copies nothing;
     # the last position, which predicts nothing, gets a masked label.
-    next_labels = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), IGNORE_INDEX)], dim=1)
+    next_labels = next_token_labels(labels)
     mask = next_labels != IGNORE_INDEX
-    vocab_size = logits.size(-1)
-    chunk_rows = max(1, LOGPS_CHUNK_ELEMENTS // vocab_size)
-    token_logps = _LabelLogps.apply(logits.reshape(-1, vocab_size), next_labels.masked_fill(~mask, 0).reshape(-1),
-                                    chunk_rows).view_as(mask)
-    return (token_logps * mask)[:, :-1], mask[:, :-1]
+    token_logps = label_logps(logits.reshape(-1, logits.size(-1)), next_labels.masked_fill(~mask, 0).reshape(-1))
+    return (token_logps.view_as(mask) * mask)[:, :-1], mask[:, :-1]
+
+
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) label of the token after each position: labels shifted left, IGNORE_INDEX at the last position."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), IGNORE_INDEX)], dim=1)
+
+
+def summed_label_logps(kept_logits: torch.Tensor, next_labels: torch.Tensor, rows: torch.Tensor,
+                       n_rows: int) -> torch.Tensor:
+    """(n_rows,) sums of label log-probs from logits kept only where the next token is labelled.
+
+    Args:
+        kept_logits: (K, V) logits at the K positions where `next_labels` is not IGNORE_INDEX, in row-major order
+            (what a Hugging Face model returns for `logits_to_keep=next_labels != IGNORE_INDEX`).
+        next_labels: (R, T) labels of the following tokens (`next_token_labels`).
+        rows: (R, T) the output row each position's log-prob is added to.
+    """
+    keep = next_labels != IGNORE_INDEX
+    token_logps = label_logps(kept_logits, next_labels[keep])
+    return token_logps.new_zeros(n_rows).index_add(0, rows[keep], token_logps)
 
 
 def get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob: bool = False) -> torch.Tensor:
@@ -126,7 +154,7 @@ class PackedRows(NamedTuple):
     input_ids: torch.Tensor  # (R, C)
     position_ids: torch.Tensor  # (R, C), restarting at 0 for each sequence (and for the padding that ends a row)
     labels: torch.Tensor  # (R, C), IGNORE_INDEX at each sequence's first token and at padding
-    rows: torch.Tensor  # (R, C) long: the original row of each position, N at padding
+    rows: torch.Tensor  # (R, C) long: the original row of each position (N at padding)
     n_rows: int  # N
 
 
@@ -173,13 +201,6 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: tor
             start += length
         packed.position_ids[r, start:] = positions[:capacity - start]
     return packed
-
-
-def packed_sequence_logps(logits: torch.Tensor, packed: PackedRows) -> torch.Tensor:
-    """(N,) summed label log-probs of the original rows from the (R, C, V) logits of their packed rows."""
-    token_logps, _ = get_token_logps(logits, packed.labels)
-    sums = token_logps.new_zeros(packed.n_rows + 1)  # the extra slot collects the (zero) padding positions
-    return sums.index_add(0, packed.rows[:, 1:].reshape(-1), token_logps.reshape(-1))[:packed.n_rows]
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -21,7 +21,8 @@ from train import train
 from utils import REPO_ROOT
 
 PROBE_IDS = torch.arange(2, 50).reshape(3, 16)  # (3, 16) token ids the saved policy is probed with
-STEPS_FILE, PROBE_FILE = "steps.jsonl", "probe_logits.pt"
+STEP_IDS = torch.arange(7, 87).reshape(4, 20)  # (4, 20) token ids of the global batch of resume_observations
+STEPS_FILE, PROBE_FILE, ONE_STEP_FILE = "steps.jsonl", "probe_logits.pt", "one_step.pt"
 
 
 class StepRecorder:
@@ -70,13 +71,14 @@ def recorded_run_overrides(loss: str, exp_name: str, cache_dir: Path) -> List[st
             f"cache_dir={cache_dir}", f"loss.trainer=distributed_worker.{RECORDING_TRAINERS[loss]}",
             "wandb.enabled=false", "n_epochs=null", "n_examples=16", "n_eval_examples=8", "model.batch_size=4",
             "model.eval_batch_size=4", "minimum_log_interval_secs=0", "lr=1e-4", "warmup_steps=1",
-            "model.max_length=96", "model.max_prompt_length=48"]
+            "model.max_length=64", "model.max_prompt_length=32"]
 
 
 def run_recorded(loss: str, exp_name: str, cache_dir: Path, extra: Sequence[str] = ()) -> Path:
     """Trains in this process (alone, or as one rank of a process group); returns the final checkpoint directory."""
     with initialize_config_dir(config_dir=str(REPO_ROOT / "config"), version_base=None):
-        config = compose(config_name="config", overrides=recorded_run_overrides(loss, exp_name, cache_dir) + list(extra))
+        config = compose(config_name="config",
+                         overrides=recorded_run_overrides(loss, exp_name, cache_dir) + list(extra))
     return train(config, loss)
 
 
@@ -130,18 +132,56 @@ def checkpointing_observations() -> Dict[str, float]:
         distributed.shard_model(model, "LlamaDecoderLayer", None)
         model.train()
         calls[checkpointing] = 0
-        model.model.layers[0].self_attn.register_forward_pre_hook(lambda *_, key=checkpointing: calls.__setitem__(key, calls[key] + 1))
+
+        def count_call(*_, key=checkpointing):
+            calls[key] += 1
+
+        model.model.layers[0].self_attn.register_forward_pre_hook(count_call)
         model(ids, labels=ids, use_cache=False).loss.backward()
         grads[checkpointing] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
     return {"attention_calls_plain": calls[False], "attention_calls_checkpointed": calls[True],
             "grad_max_diff": max((grads[True][n] - grads[False][n]).abs().max().item() for n in grads[True])}
 
 
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """One step on this rank's rows of STEP_IDS (all of them in one process); equal-length rows, so the mean of the
+    ranks' mean losses is the mean loss of the whole batch."""
+    rows = STEP_IDS.size(0) // distributed.world_size()
+    ids = STEP_IDS[rows * distributed.rank(): rows * (distributed.rank() + 1)]
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def sharded_model_and_optimizer() -> Tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = distributed.shard_model(tiny_model(), "LlamaDecoderLayer", None)
+    return model, torch.optim.RMSprop(model.parameters(), lr=1e-3)
+
+
+def resume_observations(cache_dir: Path) -> Dict[str, float]:
+    """One step of the sharded tiny model, whose full weights and optimizer state rank 0 saves to ONE_STEP_FILE;
+    then a fresh sharded model and optimizer loaded from those states take the same second step as the original.
+    Returns the largest weight difference between the two after that step."""
+    model, optimizer = sharded_model_and_optimizer()
+    optimizer_step(model, optimizer)
+    state = {"weights": distributed.full_state_dict(model),
+             "optimizer": distributed.full_optimizer_state_dict(model, optimizer)}
+    if distributed.is_main_process():
+        torch.save(state, cache_dir / ONE_STEP_FILE)
+    resumed, resumed_optimizer = sharded_model_and_optimizer()
+    distributed.load_full_state_dict(resumed, state["weights"])
+    distributed.load_full_optimizer_state_dict(resumed, resumed_optimizer, state["optimizer"])
+    optimizer_step(model, optimizer)
+    optimizer_step(resumed, resumed_optimizer)
+    return {"resumed_max_diff": max((a.full_tensor() - b.full_tensor()).abs().max().item()
+                                    for a, b in zip(model.parameters(), resumed.parameters()))}
+
+
 def two_process_session(cache_dir: Path, runs: Sequence[Tuple[str, str, Sequence[str]]]) -> None:
     """Everything the tests need from one 2-process group (starting processes is the slow part): each rank writes
     its observations to <cache_dir>/observations-<rank>.json, then the recorded (loss, exp_name, extra) runs."""
     observations = {"collectives": collective_observations(), "state_dict": state_dict_observations(),
-                    "checkpointing": checkpointing_observations()}
+                    "checkpointing": checkpointing_observations(), "resume": resume_observations(cache_dir)}
     with open(cache_dir / f"observations-{distributed.rank()}.json", "w") as f:
         json.dump(observations, f)
     for loss, exp_name, extra in runs:

@@ -1,5 +1,6 @@
-"""FSDP across processes, proven on CPU with gloo: 2-process runs match 1-process runs step for step, checkpoints
-written by 2 processes load into one, gathers handle ragged ranks, and gradient accumulation changes nothing.
+"""FSDP across processes, proven on CPU with gloo: 2-process runs match 1-process runs step for step, weights and
+optimizer state written by 2 processes load into one, gathers handle ragged ranks, and gradient accumulation changes
+nothing (except for KTO, whose reference point is a per-micro-batch statistic: a strict xfail).
 
 Two processes start once per module (tests/distributed_worker.two_process_session) and once more under torchrun;
 every number they produce is asserted here.
@@ -69,7 +70,8 @@ def assert_same_run(one_dir, two_dir):
     one_weights, two_weights = weights(one_dir), weights(two_dir)
     assert one_weights.keys() == two_weights.keys()
     for name in one_weights:
-        torch.testing.assert_close(two_weights[name], one_weights[name], rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(two_weights[name], one_weights[name], rtol=0, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def assert_trained(run_dir):
@@ -126,6 +128,28 @@ def test_checkpoint_from_two_processes_gives_identical_logits_in_one(two_process
     with torch.no_grad():
         logits = model(worker.PROBE_IDS, use_cache=False).logits
     assert torch.equal(logits, torch.load(checkpoint_dir / worker.PROBE_FILE))
+
+
+def test_weights_and_optimizer_state_saved_by_two_processes_resume_in_two_and_in_one(two_process_dir):
+    assert all(observations(two_process_dir, rank)["resume"]["resumed_max_diff"] == 0.0 for rank in (0, 1))
+    saved = torch.load(two_process_dir / worker.ONE_STEP_FILE)
+    model = worker.tiny_model()
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+    worker.optimizer_step(model, optimizer)  # the same step, on the whole batch, in this process
+    expected = distributed.full_optimizer_state_dict(model, optimizer)
+    assert saved["optimizer"]["param_groups"] == expected["param_groups"]
+    assert saved["optimizer"]["state"].keys() == expected["state"].keys()
+    for name, state in expected["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(saved["optimizer"]["state"][name][key], value, rtol=1e-5, atol=1e-7)
+    resumed = worker.tiny_model()
+    resumed_optimizer = torch.optim.RMSprop(resumed.parameters(), lr=1e-3)
+    distributed.load_full_state_dict(resumed, saved["weights"])
+    distributed.load_full_optimizer_state_dict(resumed, resumed_optimizer, saved["optimizer"])
+    for one, other in ((model, optimizer), (resumed, resumed_optimizer)):
+        worker.optimizer_step(one, other)
+    for name, weight in model.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], weight, rtol=0, atol=1e-5)
 
 
 def test_bf16_mixed_precision_keeps_fp32_weights_and_tracks_fp32(one_process_dir, two_process_dir):
@@ -189,10 +213,12 @@ def test_several_processes_without_fsdp_are_refused(monkeypatch):
         distributed.launch(pytest.fail, use_fsdp=False, port=None)
 
 
-def test_unknown_block_name_lists_the_model_blocks():
-    with pytest.raises(HalosError, match="model.block_name=GPTNeoXLayer names no module of LlamaForCausalLM.*"
+@pytest.mark.parametrize("block_name", ["GPTNeoXLayer", None])
+def test_unknown_block_name_lists_the_model_blocks(block_name):
+    shown = block_name or "null"
+    with pytest.raises(HalosError, match=f"model.block_name={shown} names no module of LlamaForCausalLM.*"
                                          "its repeated blocks are: LlamaDecoderLayer$"):
-        distributed.shard_model(worker.tiny_model(), "GPTNeoXLayer", None)
+        distributed.shard_model(worker.tiny_model(), block_name, None)
 
 
 def test_clip_grad_norm_returns_the_global_norm_and_scales_to_max_norm():
@@ -202,3 +228,8 @@ def test_clip_grad_norm_returns_the_global_norm_and_scales_to_max_norm():
     torch.testing.assert_close(torch.cat([p.grad for p in params]), torch.tensor([0.6, 0.0, 0.8]))
     assert distributed.clip_grad_norm(params, max_norm=10.0) == pytest.approx(1.0, abs=1e-6)  # below: untouched
     torch.testing.assert_close(torch.cat([p.grad for p in params]), torch.tensor([0.6, 0.0, 0.8]))
+
+
+def test_a_failing_process_ends_the_launch_with_an_error_naming_it():
+    with pytest.raises(HalosError, match=r"training process [01] of 2 exited with status 3"):
+        distributed.spawn(sys.exit, (3,), n_processes=2)
