@@ -18,7 +18,6 @@ import os
 import random
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -343,10 +342,10 @@ class StopRequests:
         self.restore_handlers()
 
     def handle(self, signal_number: int, frame) -> None:
+        # Nothing is printed here: the signal may have interrupted a write to the same stream (tqdm's), and a
+        # reentrant write raises.
         self.signal_number = signal_number
         self.restore_handlers()
-        print(f"received {signal.Signals(signal_number).name}: finishing the current optimizer step, then writing a "
-              "resumable checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
 
     def restore_handlers(self) -> None:
         for signal_number, handler in self.previous_handlers.items():

@@ -6,6 +6,7 @@ the same in a single process and under torchrun. See docs/distributed.md.
 """
 import logging
 import os
+import signal
 import socket
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -63,6 +64,10 @@ def launch(fn: Callable, *args: Any, use_fsdp: bool, port: Optional[int]) -> Non
         fn(*args)
 
 
+# What a process stopped by SIGINT/SIGTERM exits with after writing its resumable checkpoint (trainers.py).
+STOPPED_BY_SIGNAL_EXIT_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+
+
 def spawn(fn: Callable, args: Sequence[Any], n_processes: int, port: Optional[int] = None) -> None:
     """Starts `n_processes` local processes that each run `fn(*args)` inside one process group, and waits for them.
 
@@ -73,6 +78,8 @@ def spawn(fn: Callable, args: Sequence[Any], n_processes: int, port: Optional[in
     try:
         mp.spawn(_spawned_process, args=(n_processes, port, fn, tuple(args)), nprocs=n_processes, join=True)
     except mp.ProcessExitedException as e:
+        if e.exit_code in STOPPED_BY_SIGNAL_EXIT_CODES:  # preempted after a resumable checkpoint: not an error
+            raise SystemExit(e.exit_code) from None
         raise HalosError(f"training process {e.error_index} of {n_processes} exited with status {e.exit_code}"
                          ) from None
 

@@ -19,6 +19,7 @@ keep one file per dataset setup, the datasets, tokenizer, length limits and data
 """
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -119,7 +120,7 @@ class LogpStore:
         """Writes the file atomically, so a crash or a concurrent run never leaves a torn file."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         keys, logps = self.tensors()
-        partial = self.path.with_suffix(".partial")
+        partial = self.path.with_suffix(f".{os.getpid()}.partial")  # concurrent writers never share a partial file
         torch.save({"fingerprint": self.fingerprint, "keys": keys, "logps": logps}, partial)
         partial.replace(self.path)
         self.saved_size = len(self.logps)

@@ -5,6 +5,8 @@
 The config is composed by Hydra from config/ (see README: Configuration) and checked in one pass before anything
 loads. One process trains on one GPU, or on the CPU when there is none; with several GPUs (use_fsdp=true) one
 process per GPU shards the models with FSDP, started here or by torchrun (see docs/distributed.md).
+A stopped run continues with `++resume_from=auto`; SIGTERM/SIGINT save a resumable checkpoint first and exit with
+status 143/130 (see docs/checkpoints.md).
 """
 import sys
 from pathlib import Path

@@ -234,6 +234,8 @@ class BasicTrainer:
         return distributed.all_reduce_mean(torch.tensor(float(stop.requested), device=self.device)).item() > 0
 
     def stop_after_signal(self, signal_number: int) -> None:
+        distributed.rank0_print(f"received {signal.Signals(signal_number).name}: writing a resumable checkpoint after "
+                                f"{self.example_counter} examples (send it again to stop at once)")
         self.save_resumable()
         raise TrainingInterrupted(f"stopped by {signal.Signals(signal_number).name} after {self.example_counter} "
                                   f"examples; {self.run_dir / LATEST} holds a resumable checkpoint: run the same "

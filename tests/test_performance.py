@@ -191,6 +191,14 @@ def test_the_cache_file_is_keyed_by_the_reference_weights(compose_config):
     assert fingerprints[0] == fingerprints[1] and fingerprints[0]["weights"] != fingerprints[2]["weights"]
 
 
+def test_speed_switches_must_be_booleans(compose_config):
+    config = compose_config("loss=dpo", "exp_name=x", "pack_sequences=maybe", "cache_reference_logprobs=1", *TINY_RUN)
+    with pytest.raises(ConfigError) as info:
+        validate_train_config(config, "dpo")
+    assert "pack_sequences: expected true or false, got 'maybe'" in str(info.value)
+    assert "cache_reference_logprobs: expected true or false, got 1" in str(info.value)
+
+
 def test_ppo_cannot_cache_its_reference_log_probs(compose_config):
     config = compose_config("loss=ppo", "exp_name=x", "cache_reference_logprobs=true", *TINY_RUN)
     with pytest.raises(ConfigError, match="cache_reference_logprobs: PPOTrainer reads the reference model outside"):
