@@ -126,12 +126,13 @@ class BasicTrainer:
     def reference_forward(self, batch: Dict):
         """The subclass's `forward` outputs for the reference model, without gradients.
 
-        With cache_reference_logprobs the first call fills the cache from every train and eval batch, sliced for
-        this process as the loop slices them, and frees the reference model (reference_cache.py).
+        With cache_reference_logprobs the first call fills the cache from every train and eval batch (eval.py has no
+        train batches), sliced for this process as the loop slices them, and frees the reference model
+        (reference_cache.py).
         """
         if isinstance(self.reference_model, CachedReference) and not self.reference_model.filled:
             batches = (distributed.slice_batch_for_rank(batch, self.rank, self.world_size, self.device)
-                       for batch in itertools.chain(self.train_iterator, self.eval_batches))
+                       for batch in itertools.chain(self.train_iterator or (), self.eval_batches))
             self.reference_model.fill(batches, lambda batch: self.forward(self.reference_model, batch))
         with torch.no_grad():
             return self.forward(self.reference_model, batch)

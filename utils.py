@@ -39,11 +39,13 @@ class _LabelLogps(torch.autograd.Function):
     """log p(label) of each row of (N, V) logits, computed a chunk of rows at a time in float32 (float64 stays).
 
     Neither the (N, V) log-softmax nor a float32 copy of the whole logits is ever built, in forward or backward:
-    forward keeps one logsumexp per row (N,), and backward rebuilds each chunk's softmax from it.
+    forward keeps one logsumexp per row (N,), and backward rebuilds each chunk's softmax from it. With
+    `overwrite_logits`, backward writes the gradient into the logits' own storage instead of a new (N, V) tensor.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int,
+                overwrite_logits: bool) -> torch.Tensor:
         dtype = torch.promote_types(logits.dtype, torch.float32)
         label_logps = torch.empty(logits.size(0), dtype=dtype, device=logits.device)
         logsumexp = torch.empty_like(label_logps)
@@ -54,13 +56,15 @@ class _LabelLogps(torch.autograd.Function):
             label_logps[rows] = torch.log_softmax(chunk, dim=-1).gather(1, chunk_labels).squeeze(1)
             logsumexp[rows] = chunk.gather(1, chunk_labels).squeeze(1) - label_logps[rows]
         ctx.save_for_backward(logits, labels, logsumexp)
-        ctx.chunk_rows = chunk_rows
+        ctx.chunk_rows, ctx.overwrite_logits = chunk_rows, overwrite_logits
         return label_logps
 
     @staticmethod
     def backward(ctx, grad_label_logps: torch.Tensor):
         logits, labels, logsumexp = ctx.saved_tensors
-        grad_logits = torch.empty_like(logits)
+        # Each chunk is read before its rows are written, so the logits can hold their own gradient. The write bumps
+        # their version counter, so any other autograd node that saved them fails loudly instead of reading garbage.
+        grad_logits = logits if ctx.overwrite_logits else torch.empty_like(logits)
         in_place = logits.dtype == logsumexp.dtype  # then each chunk is computed in grad_logits itself, with no copy
         for start in range(0, logits.size(0), ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
@@ -71,19 +75,21 @@ class _LabelLogps(torch.autograd.Function):
             chunk.exp_().mul_(-grad).scatter_add_(1, labels[rows].unsqueeze(1), grad)
             if not in_place:
                 grad_logits[rows] = chunk
-        return grad_logits, None, None
+        return grad_logits, None, None, None
 
 
-def label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def label_logps(logits: torch.Tensor, labels: torch.Tensor, overwrite_logits: bool = False) -> torch.Tensor:
     """(N,) log p(label) from (N, V) logits and (N,) valid label ids, in float32 (float64 logits stay float64).
 
     The log-softmax is computed in chunks of LOGPS_CHUNK_ELEMENTS logits, so the memory it adds to the logits is one
-    chunk instead of an (N, V) float32 tensor (docs/performance.md).
+    chunk instead of an (N, V) float32 tensor (docs/performance.md). With `overwrite_logits` the backward pass also
+    reuses the logits' storage for their gradient, saving another (N, V) tensor: only for logits nothing reads after
+    backward.
     """
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"label_logps needs (N, V) logits and (N,) labels, got {tuple(logits.shape)} and "
                          f"{tuple(labels.shape)}")
-    return _LabelLogps.apply(logits, labels, max(1, LOGPS_CHUNK_ELEMENTS // logits.size(-1)))
+    return _LabelLogps.apply(logits, labels, max(1, LOGPS_CHUNK_ELEMENTS // logits.size(-1)), overwrite_logits)
 
 
 def get_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +124,9 @@ def summed_label_logps(kept_logits: torch.Tensor, next_labels: torch.Tensor, row
                        n_rows: int) -> torch.Tensor:
     """(n_rows,) sums of label log-probs from logits kept only where the next token is labelled.
 
+    The logits' storage is reused for their gradient (`label_logps`): they must be a model output used for nothing
+    else.
+
     Args:
         kept_logits: (K, V) logits at the K positions where `next_labels` is not IGNORE_INDEX, in row-major order
             (what a Hugging Face model returns for `logits_to_keep=next_labels != IGNORE_INDEX`).
@@ -125,7 +134,7 @@ def summed_label_logps(kept_logits: torch.Tensor, next_labels: torch.Tensor, row
         rows: (R, T) the output row each position's log-prob is added to.
     """
     keep = next_labels != IGNORE_INDEX
-    token_logps = label_logps(kept_logits, next_labels[keep])
+    token_logps = label_logps(kept_logits, next_labels[keep], overwrite_logits=True)
     return token_logps.new_zeros(n_rows).index_add(0, rows[keep], token_logps)
 
 
@@ -177,6 +186,10 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: tor
     """Packs right-padded rows into as few rows of the longest row's length as fit; None if that saves no row.
 
     Rows no longer than the longest keep the attention cost of the padded batch while the padding tokens are gone.
+
+    Args:
+        input_ids, attention_mask, labels: (N, T) right-padded rows (labels IGNORE_INDEX where no loss is taken).
+        pad_token_id: fills the end of packed rows that are not full.
     """
     lengths = attention_mask.sum(1)
     positions = torch.arange(input_ids.size(1), device=input_ids.device)

@@ -2,11 +2,14 @@
 
     .venv/bin/python bench/logps_memory.py      # about 30 seconds
 
-Both take the same (B, T, V) logits and (B, T) labels and return (B, T-1) label log-probs in float32; the full
-version is the plain `log_softmax(logits.float()).gather(labels)`. Memory is counted by bench/memory.py (bytes of
-the tensors each computation allocates, beyond its inputs): once after the forward, once over forward + backward.
-The backward's own output, the (B, T, V) gradient of the logits that the lm_head's backward consumes, is the same
-for both and listed apart; the `fwd+bwd` columns are what each allocates besides it.
+All three take the same (B, T, V) logits and (B, T) labels and compute (B, T-1) label log-probs in float32:
+* full: the plain `log_softmax(logits.float()).gather(labels)`;
+* chunked: `utils.get_token_logps` (PPO's token log-probs);
+* chunked, gradient in place: `utils.label_logps(..., overwrite_logits=True)`, what `sequence_logps` runs for every
+  other loss, which also writes the logits' gradient into the logits' own storage.
+Memory is counted by bench/memory.py: bytes of the tensors each computation allocates beyond its inputs, once after
+the forward and once over forward + backward (which includes the (B, T, V) gradient of the logits, unless it is
+written in place).
 """
 import argparse
 import os
@@ -20,7 +23,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.memory import TensorMemoryTracker  # noqa: E402
-from utils import IGNORE_INDEX, get_token_logps  # noqa: E402
+from utils import IGNORE_INDEX, get_token_logps, label_logps, next_token_labels  # noqa: E402
 
 MiB = 2 ** 20
 
@@ -36,8 +39,19 @@ def chunked(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return get_token_logps(logits, labels)[0]
 
 
+def chunked_in_place(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    next_labels = next_token_labels(labels)
+    mask = next_labels != IGNORE_INDEX
+    token_logps = label_logps(logits.view(-1, logits.size(-1)), next_labels.masked_fill(~mask, 0).view(-1),
+                              overwrite_logits=True)
+    return token_logps.view_as(mask) * mask
+
+
+METHODS = {"full": full_log_softmax, "chunked": chunked, "chunked, gradient in place": chunked_in_place}
+
+
 def measure(function: Callable, batch: int, length: int, vocab: int, dtype: torch.dtype):
-    """(forward peak, fwd+bwd peak besides the logits' gradient, gradient bytes) of one call, in bytes."""
+    """(forward peak, forward + backward peak) of one call, in bytes."""
     logits = torch.randn(batch, length, vocab).to(dtype).requires_grad_()
     labels = torch.randint(0, vocab, (batch, length))
     labels[:, : length // 3] = IGNORE_INDEX  # a prompt
@@ -45,8 +59,7 @@ def measure(function: Callable, batch: int, length: int, vocab: int, dtype: torc
         token_logps = function(logits, labels)
         forward_peak = tracker.peak_bytes
         token_logps.sum().backward()
-    gradient_bytes = logits.grad.numel() * logits.grad.element_size()
-    return forward_peak, tracker.peak_bytes - gradient_bytes, gradient_bytes
+    return forward_peak, tracker.peak_bytes
 
 
 def parse_args(argv: Optional[List[str]] = None):
@@ -59,19 +72,19 @@ def parse_args(argv: Optional[List[str]] = None):
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
-    print(f"torch {torch.__version__}, logits ({args.batch}, {args.length}, V), load average {os.getloadavg()[0]:.2f}\n")
-    print("| V | logits dtype | forward MiB: full / chunked | fwd+bwd besides the logits' gradient | fwd+bwd in all |")
-    print("|---:|---|---|---|---|")
+    print(f"torch {torch.__version__}, logits ({args.batch}, {args.length}, V), "
+          f"load average {os.getloadavg()[0]:.2f}\n")
+    print("| V | logits dtype | method | forward MiB | x full | forward + backward MiB | x full |")
+    print("|---:|---|---|---:|---:|---:|---:|")
     for vocab in args.vocabs:
         for dtype in (torch.float32, torch.bfloat16):
-            full = measure(full_log_softmax, args.batch, args.length, vocab, dtype)
-            ours = measure(chunked, args.batch, args.length, vocab, dtype)
-            print(f"| {vocab:,} | {str(dtype).removeprefix('torch.')} | {compared(full[0], ours[0])} "
-                  f"| {compared(full[1], ours[1])} | {compared(full[1] + full[2], ours[1] + ours[2])} |", flush=True)
+            peaks = {name: measure(function, args.batch, args.length, vocab, dtype)
+                     for name, function in METHODS.items()}
+            full = peaks["full"]
+            for name, (forward, total) in peaks.items():
+                print(f"| {vocab:,} | {str(dtype).removeprefix('torch.')} | {name} | {forward / MiB:,.1f} "
+                      f"| {forward / full[0]:.3f} | {total / MiB:,.1f} | {total / full[1]:.3f} |", flush=True)
 
-
-def compared(full_bytes: int, chunked_bytes: int) -> str:
-    return f"{full_bytes / MiB:,.0f} / {chunked_bytes / MiB:,.2f} (x{chunked_bytes / full_bytes:.3f})"
 
 if __name__ == "__main__":
     main()

@@ -360,9 +360,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     warnings.filterwarnings("ignore")
     register_resolvers()
     tokenizer = load_tokenizer(halos_config("sft", args).model)
+    if args.vocab < len(tokenizer):
+        raise SystemExit(f"--vocab {args.vocab} is smaller than the tokenizer's {len(tokenizer)} ids")
     weights = Weights(model_config(args))
     n_parameters = sum(t.numel() for t in weights.state.values())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), model {n_parameters / 1e6:.1f} M parameters, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+          f"model {n_parameters / 1e6:.1f} M parameters, "
           f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory() as workdir:
         for loss in args.losses:

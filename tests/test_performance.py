@@ -1,6 +1,8 @@
 """The speed-ups change nothing but speed and memory: chunked log-probs equal the plain log-softmax (values and
 gradients) in a fraction of its memory, packed rows give the padded rows' log-probs, and training with the reference
 log-prob cache gives the live reference's losses step for step, across restarts, KTO's KL rows included."""
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,13 +14,15 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import trainers
 import utils
+from bench.logps_memory import METHODS, measure
 from bench.memory import TensorMemoryTracker
 from configuration import ConfigError, validate_train_config
 from reference_cache import CachedReference, LogpStore, ReferenceCacheError, cache_fingerprint, sequence_keys
 from train import train
 from utils import IGNORE_INDEX, first_fit_decreasing, get_token_logps, pack_rows
 
-TINY_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-llama"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY_MODEL_DIR = REPO_ROOT / "assets" / "tiny-llama"
 TINY_RUN = ("model=tiny", "datasets=[hh]", "mode=train", "wandb.enabled=false", "n_epochs=null", "n_examples=16",
             "n_eval_examples=8", "do_first_eval=false", "minimum_log_interval_secs=0", "lr=1e-4", "debug=true")
 
@@ -69,6 +73,15 @@ def test_bf16_logits_give_float32_logps_of_the_upcast_logits():
     torch.testing.assert_close(token_logps, expected, rtol=0, atol=1e-5)
 
 
+def test_a_gradient_written_over_logits_another_node_saved_fails_loudly():
+    hidden, weight = torch.randn(4, 10, requires_grad=True), torch.ones(1, requires_grad=True)
+    logits = hidden * 2
+    also_read = (logits * weight).sum()  # saves the logits for weight's gradient
+    token_logps = utils.label_logps(logits, torch.tensor([1, 2, 3, 4]), overwrite_logits=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (token_logps.sum() + also_read).backward()
+
+
 def test_memory_tracker_counts_new_storages_once_and_sees_frees():
     base = torch.ones(100)
     with TensorMemoryTracker() as tracker:
@@ -82,19 +95,14 @@ def test_memory_tracker_counts_new_storages_once_and_sees_frees():
 
 
 def test_chunked_logps_peak_memory_is_under_0_3_of_the_full_log_softmax_at_vocab_32k():
-    """Forward: the full version holds a (B, T-1, V) float32 log-softmax, the chunked one a chunk. Backward: both
-    return the (B, T, V) gradient of the logits, which the lm_head needs; what they allocate besides it is compared."""
-    measured = {}
-    for name, function in (("full", full_log_softmax_token_logps), ("chunked", get_token_logps)):
-        logits, labels = random_logits_and_labels(4, 256, 32_000)
-        with TensorMemoryTracker() as tracker:
-            token_logps, _ = function(logits, labels)
-            forward_peak = tracker.peak_bytes
-            token_logps.sum().backward()
-        gradient_bytes = logits.grad.numel() * logits.grad.element_size()
-        measured[name] = (forward_peak, tracker.peak_bytes - gradient_bytes)
-    assert measured["chunked"][0] <= 0.3 * measured["full"][0], measured
-    assert measured["chunked"][1] <= 0.3 * measured["full"][1], measured
+    """Forward: the full version holds a (B, T-1, V) float32 log-softmax, the chunked one a chunk. Forward+backward:
+    get_token_logps also allocates the (B, T, V) gradient it returns; sequence_logps's path writes it in place."""
+    full, chunked, in_place = (measure(METHODS[name], 4, 256, 32_000, torch.float32)
+                               for name in ("full", "chunked", "chunked, gradient in place"))
+    gradient_bytes = 4 * 256 * 32_000 * 4
+    assert chunked[0] <= 0.3 * full[0] and in_place[0] <= 0.3 * full[0]
+    assert chunked[1] - gradient_bytes <= 0.3 * (full[1] - gradient_bytes)
+    assert in_place[1] <= 0.3 * full[1]
 
 
 # --- packing -------------------------------------------------------------------------------------------------
@@ -255,3 +263,34 @@ def test_cached_reference_gives_the_live_losses_and_is_reused_after_a_restart(lo
     restarted = run_recorded(compose_config, monkeypatch, loss, trainer_cls, tmp_path / "cached", cached=True)
     assert restarted.losses == cached.losses
     assert restarted.trainer.reference_model.computed_rows == 0, "a restart reads every reference log-prob"
+
+
+# --- the benchmark scripts -------------------------------------------------------------------------------------
+
+
+def run_bench(script: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def table_rows(output: str) -> dict:
+    """First cell -> the other cells of each markdown table row printed."""
+    rows = [line.strip("|").split("|") for line in output.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+def test_the_throughput_benchmark_runs_every_contender_on_a_small_model():
+    output = run_bench("train_throughput.py", "--losses", "kto", "--repeats", "1", "--vocab", "4096", "--layers", "1",
+                       "--hidden", "64", "--max-length", "64", "--skip-trl")
+    rows = table_rows(output)
+    for name in ("floor (padded): + reference fwd", "floor (lean): + reference fwd", "halos", "halos, no packing",
+                 "halos, cached reference"):
+        assert float(rows[name][0].replace(",", "")) > 0, name
+
+
+def test_the_loss_step_benchmark_times_cached_and_uncached_steps():
+    rows = table_rows(run_bench("loss_step_time.py", "--losses", "kto-zero", "slic", "--batches", "1"))
+    assert float(rows["kto-zero"][0]) > 0 and float(rows["kto-zero"][1]) > 0
+    assert rows["slic"][1] == "-", "slic has no reference model to cache"
