@@ -10,7 +10,7 @@ rewards scale with response length. The implicit reward of a response is
 r(x, y) = logπ_θ(y|x) − logπ_ref(y|x).
 """
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -390,19 +390,11 @@ def simple_kto_loss(
     Returns:
         losses (n_chosen + n_rejected,), chosen first; detached rewards β·r per class.
     """
-    _check_positive_beta("simple_kto_loss", beta)
-    chosen_ratios, rejected_ratios = _unpaired_log_ratios(
-        "simple_kto_loss", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    return _batch_reference_kto(
+        "simple_kto_loss", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+        reference_rejected_logps, beta=beta,
+        reference_points=lambda chosen, rejected: (_class_reference_point(rejected), _class_reference_point(chosen)),
     )
-    chosen_losses, rejected_losses = _prospect_losses(
-        chosen_ratios,
-        rejected_ratios,
-        beta=beta,
-        chosen_reference_point=_class_reference_point(rejected_ratios),
-        rejected_reference_point=_class_reference_point(chosen_ratios),
-    )
-    losses = torch.cat((chosen_losses, rejected_losses))
-    return LossOutput(losses, beta * chosen_ratios.detach(), beta * rejected_ratios.detach())
 
 
 def kto_zero_loss(
@@ -423,12 +415,34 @@ def kto_zero_loss(
     Returns:
         losses (n_chosen + n_rejected,), chosen first; detached rewards β·r per class.
     """
-    _check_positive_beta("kto_zero_loss", beta)
-    chosen_ratios, rejected_ratios = _unpaired_log_ratios(
-        "kto_zero_loss", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    return _batch_reference_kto(
+        "kto_zero_loss", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+        reference_rejected_logps, beta=beta, reference_points=lambda chosen, rejected: (0.0, 0.0),
     )
+
+
+def _batch_reference_kto(
+    function: str,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float,
+    reference_points: Callable[[Tensor, Tensor], tuple[Tensor | float, Tensor | float]],
+) -> LossOutput:
+    """Shared body of the KTO variants whose reference points come from the batch itself (or are 0).
+
+    `reference_points(chosen_ratios, rejected_ratios)` returns the (desirable, undesirable) reference points.
+    """
+    _check_positive_beta(function, beta)
+    chosen_ratios, rejected_ratios = _unpaired_log_ratios(
+        function, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
+    chosen_point, rejected_point = reference_points(chosen_ratios, rejected_ratios)
     chosen_losses, rejected_losses = _prospect_losses(
-        chosen_ratios, rejected_ratios, beta=beta, chosen_reference_point=0.0, rejected_reference_point=0.0
+        chosen_ratios, rejected_ratios, beta=beta, chosen_reference_point=chosen_point,
+        rejected_reference_point=rejected_point,
     )
     losses = torch.cat((chosen_losses, rejected_losses))
     return LossOutput(losses, beta * chosen_ratios.detach(), beta * rejected_ratios.detach())
