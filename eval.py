@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
 from builders import build_dataloader, build_models
-from checkpoints import load_weights
+from checkpoints import POLICY, load_weights
 from configuration import (CONFIG_DIR, CONFIG_GROUPS, is_positive_int, resolve_class, resolve_path, unknown_keys,
                            yaml_keys)
 from dataloader import DataLoader
@@ -161,6 +161,18 @@ def load_policy(config: DictConfig, tokenizer, base: Optional[torch.nn.Module] =
     return policy
 
 
+def load_companion_weights(trainer, config: DictConfig) -> None:
+    """Loads the files saved beside saved_policy's policy.pt into the trainer's other modules (PPO's v_head.pt)."""
+    location = None if config.saved_policy is None else resolve_path(str(config.saved_policy), config.cache_dir)
+    if location is None:
+        return
+    checkpoint_dir = location if location.is_dir() else location.parent
+    for filename, module in trainer.checkpoint_modules().items():
+        if filename != POLICY and (checkpoint_dir / filename).exists():
+            load_weights(module, checkpoint_dir / filename)
+            print(f"loaded {filename} from {checkpoint_dir}")
+
+
 # --- modes ---------------------------------------------------------------------------------------------------
 
 
@@ -242,6 +254,7 @@ def run_eval(config: DictConfig, tokenizer) -> Path:
     # saved_policy holds the causal LM's weights; the trainer's wrapper (PPO's value head) goes around it after.
     policy = trainer_cls.wrap_policy(load_policy(config, tokenizer, base=policy)).to(device)
     trainer = trainer_cls(tokenizer, config, None, loader, policy, reference, rank=0, world_size=1, device=device)
+    load_companion_weights(trainer, config)
     metrics = trainer.evaluate()
     print(f"eval metrics: {formatted_dict(metrics)}")
     output = Path(config.samples_dir) / f"{config.exp_name}.eval.json"

@@ -278,3 +278,17 @@ def test_samples_round_trip_through_compare(run_dir, cli_samples, tmp_path, monk
     assert (line["total"], line["exp_name"]) == (N_SAMPLES, "tiny")
     assert len(line["candidate"]["lengths"]) == len(line["baseline"]["lengths"]) == N_SAMPLES
     assert line["config"]["local_run_dir"] == str(run_dir)  # compare.py counted lengths with the run's tokenizer
+
+
+def test_ppo_eval_mode_loads_the_value_head(tmp_path):
+    """The value head's weights live in v_head.pt beside policy.pt; without them the critic metrics would come from
+    a freshly initialised head and differ from the final evaluation training stored."""
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "config"), version_base=None):
+        config = compose(config_name="config", overrides=[
+            *[o for o in TRAIN if not o.startswith("loss=")], "loss=ppo", f"cache_dir={tmp_path}"])
+    train(config, "ppo")
+    output = run_eval(tmp_path / "tiny", "++mode=eval", "++n_eval_examples=8", f"++samples_dir={tmp_path}")
+    metrics = json.loads(output.read_text())["metrics"]
+    stored = load_checkpoint(tmp_path / "tiny" / "LATEST" / "policy.pt")["metrics"]
+    for key in ("loss_eval/critic", "val_eval/mean", "loss_eval/total"):
+        assert metrics[key] == pytest.approx(stored[key], rel=1e-5), key
