@@ -621,7 +621,7 @@ class Rollout(NamedTuple):
     reference_logps: torch.Tensor  # the frozen reference model's token log-probs (PPO's "old" policy here)
     values: torch.Tensor  # the value head's estimates before the update
     advantages: torch.Tensor  # GAE advantages, whitened over the batch's response tokens
-    returns: Optional[torch.Tensor]  # critic targets: GAE returns (advantages + values)
+    returns: torch.Tensor  # critic targets: GAE returns (advantages + values)
 
 
 class PPOTrainer(BasicTrainer):

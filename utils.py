@@ -138,19 +138,17 @@ def summed_label_logps(kept_logits: torch.Tensor, next_labels: torch.Tensor, row
     return token_logps.new_zeros(n_rows).index_add(0, rows[keep], token_logps)
 
 
-def get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob: bool = False) -> torch.Tensor:
-    """Sequence log-probabilities: (B,) sum (or mean) over labelled tokens of log p(label_t | tokens < t).
+def get_batch_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sequence log-probabilities: (B,) sums over labelled tokens of log p(label_t | tokens < t), from full logits.
 
-    Computed in float32 (the original computed log_softmax in the policy dtype, bf16 by default).
+    Computed in float32 (the original computed log_softmax in the policy dtype, bf16 by default). The trainers use
+    the leaner `summed_label_logps`; this is the plain reference computation it is checked against.
 
     Args:
         logits: (B, T, V) model outputs.
         labels: (B, T) target ids, IGNORE_INDEX where no loss is taken.
-        average_log_prob: return the mean over labelled tokens instead of the sum.
     """
-    token_logps, mask = get_token_logps(logits, labels)
-    summed = token_logps.sum(-1)
-    return summed / mask.sum(-1).clamp(min=1) if average_log_prob else summed
+    return get_token_logps(logits, labels)[0].sum(-1)
 
 
 class PackedRows(NamedTuple):
