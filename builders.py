@@ -8,7 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import dataloader
 from checkpoints import load_weights, weights_location
-from configuration import resolve_class, resolve_path
+from resolve import resolve_class, resolve_path
 from distributed import rank0_print, shard_model, world_size
 from models import grow_embeddings, load_causal_lm
 from reference_cache import CachedReference, LogpStore, cache_fingerprint, cache_path

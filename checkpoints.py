@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from configuration import resolve_path
 from distributed import rank0_print
-from utils import HalosError
+from errors import HalosError
+from resolve import resolve_path
 
 LATEST = "LATEST"
 POLICY, V_HEAD = "policy.pt", "v_head.pt"

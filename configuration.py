@@ -4,9 +4,7 @@ The YAML files are the schema: a key that is not in config/config.yaml, config/m
 config/loss/<name>.yaml is an error, so a misspelt `++loss.betta=0.2` fails at once instead of being ignored.
 """
 import difflib
-import importlib
 import inspect
-import os
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Set
 
@@ -14,7 +12,11 @@ import torch
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from utils import REPO_ROOT, HalosError
+import dataloader
+import trainers
+from errors import ConfigError
+from resolve import resolve_class, resolve_path
+from utils import REPO_ROOT
 
 CONFIG_DIR = REPO_ROOT / "config"
 STRUCTURAL_KEYS = {"defaults", "hydra"}
@@ -22,33 +24,10 @@ CONFIG_GROUPS = {"model", "loss"}  # top-level keys filled by the defaults list
 TRAIN_MODES = ("train",)
 
 
-class ConfigError(HalosError):
-    """One or more invalid config values; the message lists each as `key: problem`."""
-
-
 def yaml_keys(path: Path) -> Set[str]:
     """Top-level keys of a YAML config file (without Hydra's own `defaults`/`hydra`)."""
     with open(path) as f:
         return set(yaml.safe_load(f) or {}) - STRUCTURAL_KEYS
-
-
-def resolve_class(spec: str, default_module: str) -> type:
-    """`Name` is looked up in `default_module`; `pkg.module.Name` is imported. Raises ConfigError if absent."""
-    module_name, _, class_name = spec.rpartition(".")
-    try:
-        module = importlib.import_module(module_name or default_module)
-    except ImportError as e:
-        raise ConfigError(f"cannot import module '{module_name}' for '{spec}': {e}") from None
-    found = getattr(module, class_name, None)
-    if not inspect.isclass(found):
-        raise ConfigError(f"'{spec}' is not a class in {module.__name__}")
-    return found
-
-
-def resolve_path(value: str, cache_dir: str) -> Optional[Path]:
-    """An existing file for `value`: absolute as given, else under cache_dir, else relative to the working dir."""
-    candidates = [Path(value)] if os.path.isabs(value) else [Path(cache_dir) / value, Path(value)]
-    return next((p for p in candidates if p.exists()), None)
 
 
 def unknown_keys(prefix: str, present: Iterable[str], known: Set[str]) -> List[str]:
@@ -104,9 +83,6 @@ def _unknown_datasets(names: List[str], local_datasets: DictConfig, module) -> L
 
 
 def _check_classes(config: DictConfig) -> List[str]:
-    import dataloader  # deferred: importing the data stack is only needed once the config is known
-    import trainers
-
     problems = []
     for key, module, base in (("trainer", "trainers", trainers.BasicTrainer),
                               ("dataloader", "dataloader", dataloader.DataLoader)):

@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from utils import HalosError
+from errors import HalosError
 
 LOCALHOST = "127.0.0.1"
 

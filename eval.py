@@ -24,12 +24,13 @@ from transformers import AutoTokenizer
 
 from builders import build_dataloader, build_models
 from checkpoints import POLICY, load_weights
-from configuration import (CONFIG_DIR, CONFIG_GROUPS, is_positive_int, resolve_class, resolve_path, unknown_keys,
-                           yaml_keys)
+from configuration import CONFIG_DIR, CONFIG_GROUPS, is_positive_int, unknown_keys, yaml_keys
 from dataloader import DataLoader
+from errors import HalosError
 from models import control_tokens, from_pretrained, grow_embeddings, load_causal_lm, load_tokenizer
+from resolve import resolve_class, resolve_path
 from sampling import PartialSamples, sample_resumably
-from utils import HalosError, formatted_dict, register_resolvers
+from utils import formatted_dict, register_resolvers
 
 register_resolvers()
 

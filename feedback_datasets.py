@@ -37,7 +37,7 @@ import datasets
 from tqdm import tqdm
 
 import hub
-from utils import HalosError
+from errors import HalosError
 
 EXTRA_SPACES = re.compile(r"[ \t]{2,}")
 HH_RESPONSE_MARKER = "\n\nAssistant: "

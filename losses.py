@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from utils import HalosError
+from errors import HalosError
 
 
 class LossInputError(HalosError):

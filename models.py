@@ -7,7 +7,8 @@ from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from hub import hub_reachable
-from utils import HalosError, disable_dropout
+from errors import HalosError
+from utils import disable_dropout
 
 
 class ModelLoadError(HalosError):

@@ -28,7 +28,8 @@ import torch
 from omegaconf import DictConfig
 
 import distributed
-from utils import IGNORE_INDEX, HalosError
+from errors import HalosError
+from utils import IGNORE_INDEX
 
 CACHE_FORMAT_VERSION = 1
 KEY_BYTES = 16  # blake2b digest size of one sequence key

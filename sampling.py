@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from dataloader import ORIGINAL_PROMPT_KEY, PROMPT_KEYS, TARGET_KEYS, collate
-from utils import HalosError
+from errors import HalosError
 
 SAMPLE_FIELDS = ("prompt", "original_prompt", "chosen", "policy")  # what a partial file records per sample
 

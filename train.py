@@ -21,10 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 import checkpoints
 import distributed
 from builders import build_models, build_train_and_eval_loaders, init_wandb
-from configuration import resolve_class, validate_train_config
+from configuration import validate_train_config
 from models import control_tokens, load_tokenizer
+from resolve import resolve_class
 from trainers import TrainingInterrupted
-from utils import HalosError, register_resolvers
+from errors import HalosError
+from utils import register_resolvers
 
 register_resolvers()
 

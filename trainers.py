@@ -15,15 +15,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+import checkpoints
 import dataloader
 import distributed
-import checkpoints
 import losses
 from checkpoints import LATEST, OPTIMIZER, POLICY, SCHEDULER, TRAINER_STATE, V_HEAD, load_checkpoint, save_checkpoint
 from dataloader import CHOSEN_KEYS, KL_KEYS, REJECTED_KEYS, STATUS_KEY, TARGET_KEYS
+from errors import ConfigError, HalosError
 from models import CausalLMWithValueHead
 from reference_cache import CachedReference
-from utils import (IGNORE_INDEX, HalosError, formatted_dict, get_token_logps, next_token_labels, pack_rows,
+from resolve import resolve_class
+from utils import (IGNORE_INDEX, formatted_dict, get_token_logps, next_token_labels, pack_rows,
                    pad_to_length, summed_label_logps)
 
 Metrics = Dict[str, torch.Tensor]
@@ -56,8 +58,6 @@ class BasicTrainer:
     @classmethod
     def config_problems(cls, config: DictConfig) -> List[str]:
         """Trainer-specific config checks, run before anything loads; each problem is `key: message`."""
-        from configuration import ConfigError, resolve_class
-
         problems = []
         if cls.requires_reference_model and not config.loss.use_reference_model:
             problems.append(f"loss.use_reference_model: {cls.__name__} needs a reference model; set it to true")

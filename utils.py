@@ -10,10 +10,6 @@ REPO_ROOT = Path(__file__).resolve().parent
 IGNORE_INDEX = -100  # label value of positions that carry no loss (prompt and padding)
 
 
-class HalosError(ValueError):
-    """A user-facing error: bad config, data, checkpoint or environment. Entry points print it without a traceback."""
-
-
 def register_resolvers() -> None:
     """`${repo_path:assets/tiny-llama}` resolves to that path inside this repository, wherever it is run from."""
     if not OmegaConf.has_resolver("repo_path"):

@@ -28,8 +28,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 import distributed  # noqa: E402
 from builders import build_dataloader, build_models  # noqa: E402
-from configuration import resolve_class, validate_train_config  # noqa: E402
+from configuration import validate_train_config  # noqa: E402
 from models import control_tokens, load_tokenizer  # noqa: E402
+from resolve import resolve_class  # noqa: E402
 from utils import register_resolvers  # noqa: E402
 
 LOSSES = ("sft", "csft", "dpo", "cdpo", "slic", "kto", "kto-simple", "kto-zero", "ppo")

@@ -26,7 +26,7 @@ from dataloader import SFTDataLoader
 from models import load_causal_lm
 import train as train_module
 from train import prepare_run, train
-from utils import HalosError
+from errors import HalosError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROBE_IDS = torch.arange(2, 50).reshape(3, 16)  # (3, 16) token ids to compare logits on
@@ -351,11 +351,12 @@ def test_iter_from_skips_batches_without_tokenising_them(tiny_tokenizer, monkeyp
 
 
 def test_the_first_stop_signal_is_deferred_and_the_second_acts_at_once():
+    # raise_signal delivers to this thread before it returns; os.kill(getpid()) may land on another thread later.
     with checkpoints.StopRequests() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
         assert stop.requested and stop.signal_number == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) != stop.handle and signal.getsignal(signal.SIGINT) != stop.handle
 
 

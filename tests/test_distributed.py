@@ -19,7 +19,8 @@ import distributed_worker as worker
 from builders import build_dataloader
 from checkpoints import load_checkpoint, load_weights
 from models import load_tokenizer
-from utils import REPO_ROOT, HalosError
+from errors import HalosError
+from utils import REPO_ROOT
 
 TWO_PROCESS_LOSSES = ("dpo", "kto")
 MIXED_PRECISION_RUN = ("sft", "sft-bf16", ("model.fsdp_policy_mp=bfloat16",))
