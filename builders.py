@@ -17,8 +17,9 @@ DATALOADER_KWARG_KEYS = ("frac_unique_desirable", "frac_unique_undesirable")
 
 
 def build_dataloader(config: DictConfig, tokenizer, split: str, batch_size: int, n_epochs: Optional[int],
-                     n_examples: Optional[int]) -> dataloader.DataLoader:
-    """The loss's dataloader class (loss.dataloader) over config.datasets for one split."""
+                     n_examples: Optional[int], kl_group_size: Optional[int] = None) -> dataloader.DataLoader:
+    """The loss's dataloader class (loss.dataloader) over config.datasets for one split; unpaired loaders pair KL
+    rows within groups of kl_group_size examples (default: one batch)."""
     loader_cls = resolve_class(config.loss.dataloader, "dataloader")
     return loader_cls(
         list(config.datasets), tokenizer, split=split, batch_size=batch_size,
@@ -28,12 +29,14 @@ def build_dataloader(config: DictConfig, tokenizer, split: str, batch_size: int,
         assistant_prefix=config.assistant_prefix, assistant_suffix=config.assistant_suffix,
         seed=config.seed, local_datasets=OmegaConf.to_container(config.local_datasets),
         chosen_control_token=config.loss.get("chosen_control_token"),
-        rejected_control_token=config.loss.get("rejected_control_token"),
+        rejected_control_token=config.loss.get("rejected_control_token"), kl_group_size=kl_group_size,
         **{key: config[key] for key in DATALOADER_KWARG_KEYS})
 
 
 def build_train_and_eval_loaders(config: DictConfig, tokenizer) -> Tuple[dataloader.DataLoader, dataloader.DataLoader]:
-    train = build_dataloader(config, tokenizer, "train", config.model.batch_size, config.n_epochs, config.n_examples)
+    # KL rows pair examples of the same optimizer step, however it is split into accumulation micro-batches.
+    train = build_dataloader(config, tokenizer, "train", config.model.batch_size, config.n_epochs, config.n_examples,
+                             config.model.batch_size * config.model.gradient_accumulation_steps)
     # n_eval_examples=null means one full pass over the test split.
     eval_epochs = 1 if config.n_eval_examples is None else None
     evaluation = build_dataloader(config, tokenizer, "test", config.model.eval_batch_size, eval_epochs,
@@ -75,6 +78,8 @@ def build_models(config: DictConfig, device: torch.device, vocab_size: int,
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if reference is not None:
         reference.requires_grad_(False).eval()
+    if config.cache_reference_logprobs and reference is None:
+        rank0_print(f"cache_reference_logprobs: loss {config.loss.name} uses no reference model; there is nothing to cache")
     # Hashed before sharding, while every process holds all the weights.
     fingerprint = cache_fingerprint(config, reference) \
         if reference is not None and config.cache_reference_logprobs else None

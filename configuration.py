@@ -178,9 +178,10 @@ def _check_speed_options(config: DictConfig) -> List[str]:
             trainer = resolve_class(str(config.loss.trainer), "trainers")
         except ConfigError:
             return problems  # reported by the class check
-        if not getattr(trainer, "reference_logps_cacheable", False):
-            problems.append(f"cache_reference_logprobs: {trainer.__name__} reads the reference model outside "
-                            "sequence_logps (e.g. PPO's token log-probs), so its reference log-probs cannot be cached")
+        if issubclass(trainer, trainers.BasicTrainer) and trainer.requires_reference_model \
+                and not trainer.caches_reference_logps():
+            problems.append(f"cache_reference_logprobs: {trainer.__name__} reads reference log-probs the cache does not "
+                            "hold (PPO's or a token-level loss's per-token log-probs), so they cannot be cached")
     return problems
 
 

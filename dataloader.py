@@ -403,6 +403,9 @@ class DataLoader(ABC):
         local_datasets: dataset name -> local path (passed to `get_<name>` as `local_path`, or read by `get_local`).
         frac_unique_desirable, frac_unique_undesirable: kept fractions of chosen / rejected responses
             (unpaired loaders only).
+        kl_group_size: unpaired loaders pair each response's prompt with another response of its group of this many
+            consecutive examples (a multiple of batch_size; default batch_size): the examples of one optimizer step,
+            so that KTO's KL rows do not depend on how the step is split into micro-batches.
         chosen_control_token, rejected_control_token: appended to prompts by the SFT loaders.
     """
 
@@ -415,7 +418,7 @@ class DataLoader(ABC):
                  assistant_prefix: str = "\n<|assistant|>\n", assistant_suffix: str = "", seed: int = 0,
                  local_datasets: Optional[Mapping[str, str]] = None, *, frac_unique_desirable: float = 1.0,
                  frac_unique_undesirable: float = 1.0, chosen_control_token: Optional[str] = None,
-                 rejected_control_token: Optional[str] = None):
+                 rejected_control_token: Optional[str] = None, kl_group_size: Optional[int] = None):
         self.dataset_names = [dataset_names] if isinstance(dataset_names, str) else list(dataset_names)
         self.name = f"{'+'.join(self.dataset_names)}/{split}"
         self.tokenizer = tokenizer
@@ -431,6 +434,7 @@ class DataLoader(ABC):
         self.frac_unique_undesirable = frac_unique_undesirable
         self.chosen_control_token = chosen_control_token
         self.rejected_control_token = rejected_control_token
+        self.kl_group_size = batch_size if kl_group_size is None else kl_group_size
         self.check_arguments()
         self.examples = load_examples(self.dataset_names, split, human_prefix, human_suffix, assistant_prefix,
                                       assistant_suffix, local_datasets)
@@ -450,6 +454,10 @@ class DataLoader(ABC):
         if self.tokenizer.eos_token_id is None or self.tokenizer.pad_token_id is None:
             raise ValueError(f"{self.name}: the tokenizer needs eos_token_id and pad_token_id "
                              f"(set tokenizer.pad_token_id = tokenizer.eos_token_id if it has no pad token)")
+        require_positive_int(f"{self.name}: kl_group_size", self.kl_group_size)
+        if self.kl_group_size % self.batch_size:
+            raise ValueError(f"{self.name}: kl_group_size={self.kl_group_size} must be a multiple of "
+                             f"batch_size={self.batch_size}")
         for name in ("frac_unique_desirable", "frac_unique_undesirable"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{self.name}: {name} must lie in [0, 1], got {getattr(self, name)!r}")
@@ -641,9 +649,10 @@ class UnpairedPreferenceDataLoader(DataLoader):
     rejected responses in shuffled-prompt order are kept, as in the original: so a prompt may keep its
     chosen response but lose its rejected one (F-20).
 
-    Element k of a batch also gets `KL_*` keys: prompt k with the response of element (k+1) mod B,
-    the mismatched pairs of KTO's reference point, built over the GLOBAL batch. Their truncation is
-    not counted in the epoch warning (they recombine the same prompts and responses).
+    Element k of a group of `kl_group_size` consecutive elements (the global batch, or all batches of
+    one optimizer step) also gets `KL_*` keys: prompt k with the response of element (k+1) mod G, the
+    mismatched pairs of KTO's reference point. Their truncation is not counted in the epoch warning
+    (they recombine the same prompts and responses).
     Batch keys: PROMPT_KEYS, TARGET_KEYS, KL_KEYS, status, truncation_mode.
     """
 
@@ -666,11 +675,21 @@ class UnpairedPreferenceDataLoader(DataLoader):
         element[TRUNCATION_MODE_KEY] = item.example.truncation_mode
         return element
 
-    def tokenize_batch(self, items: List[LabelledResponse], tally: TruncationTally) -> List[dict]:
-        elements = super().tokenize_batch(items, tally)
-        for k, (item, element) in enumerate(zip(items, elements)):
-            mismatched = items[(k + 1) % len(items)]
-            kl_element = self.tokenize(item.example.prompt, {KL: mismatched.generation}, item.example)
+    def group_batches(self, items: List[LabelledResponse]) -> Iterator[List[Tuple[LabelledResponse, str]]]:
+        """Full batches of (item, mismatched response) pairs, the response taken from the item's KL group."""
+        usable = items[:len(items) - len(items) % self.batch_size]
+        mismatched = []
+        for start in range(0, len(usable), self.kl_group_size):
+            group = usable[start:start + self.kl_group_size]
+            mismatched += [group[(k + 1) % len(group)].generation for k in range(len(group))]
+        paired = list(zip(usable, mismatched))
+        for start in range(0, len(paired), self.batch_size):
+            yield paired[start:start + self.batch_size]
+
+    def tokenize_batch(self, items: List[Tuple[LabelledResponse, str]], tally: TruncationTally) -> List[dict]:
+        elements = super().tokenize_batch([item for item, _ in items], tally)
+        for (item, kl_response), element in zip(items, elements):
+            kl_element = self.tokenize(item.example.prompt, {KL: kl_response}, item.example)
             element.update({key: kl_element[key] for key in KL_KEYS})
         return elements
 

@@ -201,11 +201,16 @@ def all_gather_if_needed(values: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over ranks (a detached copy); identity in one process."""
+    return all_reduce_sum(value) / world_size()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over ranks (a detached copy); identity in one process."""
     if world_size() == 1:
         return value.detach()
     reduced = value.detach().clone()
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-    return reduced / world_size()
+    return reduced
 
 
 def clip_grad_norm(parameters, max_norm: float) -> float:

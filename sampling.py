@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from dataloader import ORIGINAL_PROMPT_KEY, PROMPT_KEYS, TARGET_KEYS, collate
 from errors import HalosError
+from utils import chunked
 
 SAMPLE_FIELDS = ("prompt", "original_prompt", "chosen", "policy")  # what a partial file records per sample
 
@@ -143,13 +144,6 @@ class PartialSamples:
     def add(self, rows: List[dict]) -> None:
         self.write_lines(rows)
         self.rows.update((row["index"], row) for row in rows)
-
-
-def chunked(items: Iterable, size: int) -> Iterator[list]:
-    """Consecutive lists of `size` items (the last one may be shorter)."""
-    iterator = iter(items)
-    while chunk := list(itertools.islice(iterator, size)):
-        yield chunk
 
 
 def sample_row(index: int, element: dict, policy_text: str) -> dict:

@@ -9,7 +9,7 @@ import signal
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -22,11 +22,13 @@ import losses
 from checkpoints import LATEST, OPTIMIZER, POLICY, SCHEDULER, TRAINER_STATE, V_HEAD, load_checkpoint, save_checkpoint
 from dataloader import CHOSEN_KEYS, KL_KEYS, REJECTED_KEYS, STATUS_KEY, TARGET_KEYS
 from errors import ConfigError, HalosError
+from loss_inputs import PairedLogps, SequenceLogps, UnpairedLogps, response_lengths
+from loss_state import RunningRewardMean
 from models import CausalLMWithValueHead
 from reference_cache import CachedReference
 from resolve import resolve_class
-from utils import (IGNORE_INDEX, formatted_dict, get_token_logps, next_token_labels, pack_rows,
-                   pad_to_length, summed_label_logps)
+from utils import (IGNORE_INDEX, chunked, formatted_dict, get_token_logps, label_logps, next_token_labels, pack_rows,
+                   pad_to_length)
 
 Metrics = Dict[str, torch.Tensor]
 
@@ -47,20 +49,40 @@ class TrainingInterrupted(HalosError):
 class BasicTrainer:
     """The training loop shared by every loss.
 
+    What a loss needs is declared as class attributes, which the config check, the model builder and the loop read
+    (nothing anywhere tests for a particular loss):
+
+    * `requires_reference_model`: load a reference model (and allow the reference log-prob cache); reference-free
+      losses load none.
+    * `token_level_logps`: fill `SequenceLogps.token_logps` for the loss (sequence-level losses never build them).
+    * `loss_state_class`: a persistent statistic (e.g. loss_state.RunningRewardMean) that observes every training
+      micro-batch's loss output, is updated at each optimizer step and is saved in resumable checkpoints.
+    * `hyperparameters`: `{key: losses.Rule}` for the `loss.<key>` values the loss reads, checked before anything
+      loads (merged along the class hierarchy).
+
     Counters: `example_counter` counts training examples (the x-axis of every log and the N of `step-N`
     checkpoints), `batch_counter` iterator batches (micro-steps), `update_counter` optimizer steps.
     """
 
-    requires_reference_model = False  # subclasses whose loss needs reference log-probs set this
+    requires_reference_model = False
     reference_logps_cacheable = False  # reference log-probs come only from sequence_logps (cache_reference_logprobs)
+    token_level_logps = False
+    loss_state_class: Optional[type] = None
+    hyperparameters: Dict[str, losses.Rule] = {}
     compatible_dataloaders: Tuple[type, ...] = (dataloader.DataLoader,)  # loaders whose batches this trainer reads
 
     @classmethod
     def config_problems(cls, config: DictConfig) -> List[str]:
         """Trainer-specific config checks, run before anything loads; each problem is `key: message`."""
         problems = []
-        if cls.requires_reference_model and not config.loss.use_reference_model:
-            problems.append(f"loss.use_reference_model: {cls.__name__} needs a reference model; set it to true")
+        if bool(config.loss.use_reference_model) != cls.requires_reference_model:
+            problems.append(f"loss.use_reference_model: {cls.__name__} "
+                            + ("needs a reference model; set it to true" if cls.requires_reference_model else
+                               "uses no reference model; set it to false so that none is loaded"))
+        for key, rule in cls.declared_hyperparameters().items():
+            problem = losses.rule_problem(rule, config.loss.get(key))
+            if problem:
+                problems.append(f"loss.{key}: {problem}")
         try:
             loader = resolve_class(str(config.loss.dataloader), "dataloader")
         except ConfigError:
@@ -69,6 +91,19 @@ class BasicTrainer:
             expected = " or ".join(c.__name__ for c in cls.compatible_dataloaders)
             problems.append(f"loss.dataloader: {cls.__name__} needs batches from {expected}, not {loader.__name__}")
         return problems
+
+    @classmethod
+    def declared_hyperparameters(cls) -> Dict[str, losses.Rule]:
+        """`hyperparameters` of this class and its bases, a subclass's rule winning."""
+        merged = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("hyperparameters", {}))
+        return merged
+
+    @classmethod
+    def caches_reference_logps(cls) -> bool:
+        """Whether cache_reference_logprobs can serve every reference log-prob this trainer reads."""
+        return cls.requires_reference_model and cls.reference_logps_cacheable and not cls.token_level_logps
 
     @classmethod
     def wrap_policy(cls, policy: torch.nn.Module) -> torch.nn.Module:
@@ -91,6 +126,7 @@ class BasicTrainer:
         self.example_counter = self.batch_counter = self.update_counter = 0
         self.last_eval_metrics, self.last_eval_at = {}, None
         self.last_save_at = 0  # example_counter of the last resumable checkpoint (or of the one resumed from)
+        self.loss_state = self.loss_state_class() if self.loss_state_class is not None else None
         # Evaluation reuses the same batches every time, so they are built once.
         self.eval_batches = list(eval_iterator) if eval_iterator is not None else []
         distributed.rank0_print(f"Loaded {len(self.eval_batches)} eval batches of size {config.model.eval_batch_size}")
@@ -98,18 +134,31 @@ class BasicTrainer:
     # --- hooks -----------------------------------------------------------------------------------------------
 
     def sequence_logps(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       labels: torch.Tensor) -> torch.Tensor:
-        """(B,) summed log-probs of the labelled tokens of (B, T) right-padded sequences.
+                       labels: torch.Tensor) -> SequenceLogps:
+        """Log-probs of the labelled tokens of (N, T) right-padded rows: sums and token counts (N,), plus
+        (N, T) per-token values for token-level losses.
 
         The model computes logits only where the next token is labelled (`logits_to_keep`), so its lm_head skips
         prompt and padding positions; with pack_sequences the rows are packed first (utils.pack_rows), so the
         padding tokens are not run at all. A cached reference model answers from its cache. No KV cache: training
         needs none (and packed rows need none).
         """
+        lengths = response_lengths(labels, torch.float32)
         if isinstance(model, CachedReference):
-            return model.sequence_logps(input_ids, attention_mask, labels, live=self.sequence_logps)
-        n_rows = input_ids.size(0)
+            live = lambda *args: self.model_logps(*args, token_level=False)[0]  # noqa: E731
+            return SequenceLogps(model.sequence_logps(input_ids, attention_mask, labels, live=live), lengths)
+        logps, token_logps = self.model_logps(model, input_ids, attention_mask, labels, self.token_level_logps)
+        if token_logps is None:
+            return SequenceLogps(logps, lengths)
+        return SequenceLogps(logps, lengths, token_logps, labels != IGNORE_INDEX)
+
+    def model_logps(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    labels: torch.Tensor, token_level: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(N,) summed label log-probs of (N, T) rows and, if `token_level`, their (N, T) per-token values."""
+        n_rows, length = input_ids.shape
+        positions = torch.arange(length, device=input_ids.device)
         rows = torch.arange(n_rows, device=input_ids.device).unsqueeze(1).expand_as(input_ids)
+        columns = positions.unsqueeze(0).expand_as(input_ids)
         layout = {"attention_mask": attention_mask}
         # Packed rows need the block-diagonal causal mask Hugging Face builds from position_ids for sdpa and eager
         # attention; flash-attention would need one single packed row, so it runs padded.
@@ -117,11 +166,20 @@ class BasicTrainer:
             if self.config.pack_sequences and getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager") \
             else None
         if packed is not None:
-            input_ids, labels, rows, layout = packed.input_ids, packed.labels, packed.rows, \
-                {"position_ids": packed.position_ids}
+            # A packed sequence's position ids are its columns in its padded row.
+            input_ids, labels, rows, columns = packed.input_ids, packed.labels, packed.rows, packed.position_ids
+            layout = {"position_ids": packed.position_ids}
         next_labels = next_token_labels(labels)
-        logits = model(input_ids, logits_to_keep=next_labels != IGNORE_INDEX, use_cache=False, **layout).logits
-        return summed_label_logps(logits, next_labels, rows, n_rows)
+        keep = next_labels != IGNORE_INDEX
+        logits = model(input_ids, logits_to_keep=keep, use_cache=False, **layout).logits
+        # The logits' storage is reused for their gradient: nothing else reads them.
+        token_logps = label_logps(logits, next_labels[keep], overwrite_logits=True)
+        sums = token_logps.new_zeros(n_rows).index_add(0, rows[keep], token_logps)
+        if not token_level:
+            return sums, None
+        # The logits at position t score the token at t + 1.
+        per_token = token_logps.new_zeros(n_rows, length).index_put((rows[keep], columns[keep] + 1), token_logps)
+        return sums, per_token
 
     def reference_forward(self, batch: Dict):
         """The subclass's `forward` outputs for the reference model, without gradients.
@@ -130,17 +188,30 @@ class BasicTrainer:
         train batches), sliced for this process as the loop slices them, and frees the reference model
         (reference_cache.py).
         """
+        self.fill_reference_cache()
+        with torch.no_grad():
+            return self.forward(self.reference_model, batch)
+
+    def fill_reference_cache(self) -> None:
+        """With cache_reference_logprobs, fills the cache once (see reference_forward); else does nothing."""
         if isinstance(self.reference_model, CachedReference) and not self.reference_model.filled:
             batches = (distributed.slice_batch_for_rank(batch, self.rank, self.world_size, self.device)
                        for batch in itertools.chain(self.train_iterator or (), self.eval_batches))
-            self.reference_model.fill(batches, lambda batch: self.forward(self.reference_model, batch))
-        with torch.no_grad():
-            return self.forward(self.reference_model, batch)
+            self.reference_model.fill(batches, self.all_reference_logps)
+
+    def all_reference_logps(self, batch: Dict) -> None:
+        """Runs every reference log-prob computation the loss makes for `batch` (what the reference cache stores)."""
+        self.forward(self.reference_model, batch)
 
     def training_passes(self, batch: Dict) -> Iterator[Dict]:
         """The batches one training batch turns into, each getting a forward/backward pass (and counting as a
         micro-step of gradient accumulation). One pass by default; PPO makes ppo_epochs passes."""
         yield batch
+
+    def prepare_step(self, batches: List[Dict]) -> None:
+        """Called with this process's next gradient_accumulation_steps batches, before the first of them is trained
+        on (for one-pass trainers: the micro-batches of one optimizer step), for statistics a loss takes over a whole
+        step, such as KTO's reference point. Nothing by default."""
 
     def get_batch_metrics(self, batch: Dict, mode: str) -> Tuple[torch.Tensor, Metrics]:
         """Loss to backpropagate (a scalar: the mean over this rank's examples) and per-example metric tensors.
@@ -171,27 +242,34 @@ class BasicTrainer:
         last_log_time = None
         progress = tqdm(total=self.train_iterator.total_examples, initial=self.example_counter, unit="ex",
                         desc="train", disable=not self.is_main)
+        # A resumed run starts at the first batch it has not trained on; the skipped ones are never tokenised. The
+        # batches of one optimizer step are read together so that prepare_step sees all of them first.
+        steps = chunked(self.train_iterator.iter_from(self.batch_counter), config.model.gradient_accumulation_steps)
         with progress, checkpoints.StopRequests() as stop:
-            # A resumed run starts at the first batch it has not trained on; the skipped ones are never tokenised.
-            for batch in self.train_iterator.iter_from(self.batch_counter):
-                if self.evaluation_due():
-                    self.evaluate_and_checkpoint()
-                if pending == 0 and self.resumable_checkpoint_due():
-                    self.save_resumable()
-                start = time.time()
-                pending = self.train_on_batch(batch, metrics, pending)
-                batch_size = config.model.batch_size
-                metrics["examples_per_second"].append(batch_size / (time.time() - start))
-                self.batch_counter += 1
-                self.example_counter += batch_size
-                progress.update(batch_size)
-                if pending == 0 and (last_log_time is None
-                                     or time.time() - last_log_time > config.minimum_log_interval_secs):
-                    self.log_train_metrics(metrics, progress)
-                    metrics.clear()
-                    last_log_time = time.time()
-                if pending == 0 and self.stop_requested(stop):
-                    self.stop_after_signal(stop.signal_number or signal.SIGTERM)
+            for step_batches in steps:
+                local_batches = [distributed.slice_batch_for_rank(batch, self.rank, self.world_size, self.device)
+                                 for batch in step_batches]
+                for index, batch in enumerate(local_batches):
+                    if self.evaluation_due():
+                        self.evaluate_and_checkpoint()
+                    if index == 0:
+                        if pending == 0 and self.resumable_checkpoint_due():
+                            self.save_resumable()
+                        self.prepare_step(local_batches)
+                    start = time.time()
+                    pending = self.train_on_batch(batch, metrics, pending)
+                    batch_size = config.model.batch_size
+                    metrics["examples_per_second"].append(batch_size / (time.time() - start))
+                    self.batch_counter += 1
+                    self.example_counter += batch_size
+                    progress.update(batch_size)
+                    if pending == 0 and (last_log_time is None
+                                         or time.time() - last_log_time > config.minimum_log_interval_secs):
+                        self.log_train_metrics(metrics, progress)
+                        metrics.clear()
+                        last_log_time = time.time()
+                    if pending == 0 and self.stop_requested(stop):
+                        self.stop_after_signal(stop.signal_number or signal.SIGTERM)
         if pending:
             distributed.rank0_print(f"warning: the data ended {pending} micro-batches into a gradient accumulation of "
                                     f"{config.model.gradient_accumulation_steps}; those gradients were not applied")
@@ -199,12 +277,11 @@ class BasicTrainer:
             self.evaluate_and_checkpoint(save_intermediate=False)
 
     def train_on_batch(self, batch: Dict, metrics: Dict[str, list], pending: int) -> int:
-        """The forward/backward passes of one global batch, stepping the optimizer whenever
+        """The forward/backward passes of this process's slice of one batch, stepping the optimizer whenever
         gradient_accumulation_steps micro-steps are pending; returns how many still are."""
         accumulation = self.config.model.gradient_accumulation_steps
         self.policy.train()
-        local_batch = distributed.slice_batch_for_rank(batch, self.rank, self.world_size, self.device)
-        for training_batch in self.training_passes(local_batch):
+        for training_batch in self.training_passes(batch):
             loss, batch_metrics = self.get_batch_metrics(training_batch, mode="train")
             self.check_finite(loss)
             (loss / accumulation).backward()
@@ -247,6 +324,8 @@ class BasicTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if self.loss_state is not None:
+            self.loss_state.step()
         self.update_counter += 1
         return grad_norm
 
@@ -362,6 +441,7 @@ class BasicTrainer:
                 "update_counter": self.update_counter, "last_eval_at": self.last_eval_at,
                 "last_eval_metrics": {k: float(v) for k, v in self.last_eval_metrics.items()},
                 "rng": checkpoints.rng_states(), "wandb_run_id": self.wandb_run_id(), "finished": finished,
+                "loss_state": self.loss_state.state_dict() if self.loss_state is not None else None,
                 "config": OmegaConf.to_container(self.config, resolve=True)}
 
     def wandb_run_id(self) -> Optional[str]:
@@ -390,6 +470,8 @@ class BasicTrainer:
         self.update_counter, self.last_save_at = state["update_counter"], state["example_counter"]
         self.last_eval_at, self.last_eval_metrics = state["last_eval_at"], state["last_eval_metrics"]
         checkpoints.restore_rng_states(state["rng"])
+        if self.loss_state is not None:
+            self.loss_state.load_state_dict(state["loss_state"])
         distributed.rank0_print(f"resumed from {checkpoint_dir} after {self.example_counter} examples "
                                 f"({self.batch_counter} batches, {self.update_counter} optimizer steps)")
 
@@ -428,110 +510,174 @@ class SFTTrainer(BasicTrainer):
 
     def get_batch_metrics(self, batch: Dict, mode: str) -> Tuple[torch.Tensor, Metrics]:
         policy_logps = self.sequence_logps(self.policy, batch[TARGET_KEYS.combined_input_ids],
-                                           batch[TARGET_KEYS.combined_attention_mask], batch[TARGET_KEYS.labels])
+                                           batch[TARGET_KEYS.combined_attention_mask], batch[TARGET_KEYS.labels]).logps
         per_example = losses.sft_loss(policy_logps)
         return per_example.mean(), {f"logps_{mode}/chosen": policy_logps.detach(), f"loss/{mode}": per_example.detach()}
 
 
-class PairedPreferenceTrainer(BasicTrainer):
-    """Losses over (chosen, rejected) pairs of responses to one prompt. Subclasses implement `loss`."""
+class PreferenceTrainer(BasicTrainer):
+    """What paired and unpaired losses share: one forward per model, the loss, its persistent state, the metrics.
 
-    compatible_dataloaders = (dataloader.PairedPreferenceDataLoader,)
+    A loss is given either as `loss_function` (a function of losses.py, called with the chosen and rejected
+    sequence log-probs of the policy, then of the reference if the trainer requires one, then with
+    `length_normalised` the response token counts, then the loss's statistics and its declared `hyperparameters`
+    read from config.loss), or by overriding `loss_from(policy, reference)` (typed containers: loss_inputs.py) or the
+    original's `loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)`.
+    """
+
+    loss_function: Optional[Callable[..., Tuple]] = None
+    length_normalised = False
     reference_logps_cacheable = True
 
-    def forward(self, model: torch.nn.Module, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(B,) chosen and (B,) rejected sequence log-probs from one concatenated forward pass."""
+    def forward(self, model: torch.nn.Module, batch: Dict):
+        """The model's PairedLogps or UnpairedLogps of the batch."""
+        raise NotImplementedError
+
+    def loss(self, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             reference_chosen_logps: Optional[torch.Tensor], reference_rejected_logps: Optional[torch.Tensor],
+             **statistics) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The original's contract: (losses, chosen_rewards, rejected_rewards) from summed sequence log-probs
+        (reference ones None without a reference model); `statistics` are the loss_statistics, e.g. kl_estimate."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither loss_function, loss_from nor loss")
+
+    def loss_from(self, policy, reference, **statistics) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(losses, chosen_rewards, rejected_rewards) from each model's log-probs (PairedLogps/UnpairedLogps;
+        reference None without a reference model) and the loss_statistics."""
+        # An overridden `loss` (the original's contract) wins over an inherited loss_function.
+        if self.loss_function is None or type(self).loss is not PreferenceTrainer.loss:
+            return self.loss(policy.chosen.logps, policy.rejected.logps,
+                             None if reference is None else reference.chosen.logps,
+                             None if reference is None else reference.rejected.logps, **statistics)
+        inputs = [policy.chosen.logps, policy.rejected.logps]
+        if self.requires_reference_model:
+            inputs += [reference.chosen.logps, reference.rejected.logps]
+        if self.length_normalised:
+            inputs += [policy.chosen.lengths, policy.rejected.lengths]
+        hyperparameters = {key: self.config.loss[key] for key in self.declared_hyperparameters()}
+        # Read from the class: a function stored on a class would be bound as a method through the instance.
+        return type(self).loss_function(*inputs, **statistics, **hyperparameters)
+
+    def loss_statistics(self, batch: Dict, mode: str) -> Dict[str, torch.Tensor]:
+        """Scalars the loss reads beside the log-probs: its persistent state's (e.g. BCO's delta)."""
+        return self.loss_state.loss_inputs() if self.loss_state is not None else {}
+
+    def get_batch_metrics(self, batch: Dict, mode: str) -> Tuple[torch.Tensor, Metrics]:
+        policy = self.forward(self.policy, batch)
+        reference = self.reference_forward(batch) if self.reference_model is not None else None
+        statistics = self.loss_statistics(batch, mode)
+        output = self.loss_from(policy, reference, **statistics)
+        n_chosen, n_rejected = policy.chosen.logps.size(0), policy.rejected.logps.size(0)
+        check_loss_output(self, output, n_chosen, n_rejected, self.n_losses(n_chosen, n_rejected))
+        if mode == "train" and self.loss_state is not None:
+            self.loss_state.observe(output)
+        per_example, chosen_rewards, rejected_rewards = output[:3]
+        return per_example.mean(), {
+            **self.reward_metrics(chosen_rewards.detach(), rejected_rewards.detach(), mode),
+            **{f"rewards_{mode}/{name}": value for name, value in self.logged_statistics(statistics).items()},
+            f"logps_{mode}/chosen": policy.chosen.logps.detach(),
+            f"logps_{mode}/rejected": policy.rejected.logps.detach(),
+            f"loss/{mode}": per_example.detach(),
+        }
+
+    def logged_statistics(self, statistics: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The statistics logged as rewards_{mode}/<name> (KTO's reference point as KL_estimate)."""
+        return {}
+
+    @staticmethod
+    def n_losses(n_chosen: int, n_rejected: int) -> int:
+        raise NotImplementedError
+
+    def reward_metrics(self, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, mode: str) -> Metrics:
+        raise NotImplementedError
+
+
+class PairedPreferenceTrainer(PreferenceTrainer):
+    """Losses over (chosen, rejected) pairs of responses to one prompt: B pairs, losses (B,)."""
+
+    compatible_dataloaders = (dataloader.PairedPreferenceDataLoader,)
+
+    def forward(self, model: torch.nn.Module, batch: Dict) -> PairedLogps:
+        """Chosen and rejected log-probs (B rows each) from one concatenated forward pass."""
         input_ids, attention_mask, labels = concatenate_rows(batch, (CHOSEN_KEYS, REJECTED_KEYS),
                                                              self.tokenizer.pad_token_id)
         logps = self.sequence_logps(model, input_ids, attention_mask, labels)
         n_pairs = batch[CHOSEN_KEYS.labels].size(0)
-        return logps[:n_pairs], logps[n_pairs:]
+        return PairedLogps(logps.rows(slice(None, n_pairs)), logps.rows(slice(n_pairs, None)))
 
-    def loss(self, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-             reference_chosen_logps: Optional[torch.Tensor], reference_rejected_logps: Optional[torch.Tensor]
-             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-pair losses (B,) and chosen/rejected rewards (B,), all from (B,) sequence log-probs."""
-        raise NotImplementedError
+    @staticmethod
+    def n_losses(n_chosen: int, n_rejected: int) -> int:
+        return n_chosen
 
-    def get_batch_metrics(self, batch: Dict, mode: str) -> Tuple[torch.Tensor, Metrics]:
-        policy_chosen_logps, policy_rejected_logps = self.forward(self.policy, batch)
-        reference_chosen_logps = reference_rejected_logps = None
-        if self.reference_model is not None:
-            reference_chosen_logps, reference_rejected_logps = self.reference_forward(batch)
-        output = self.loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
-        n_pairs = policy_chosen_logps.size(0)
-        check_loss_output(self, output, n_pairs, n_pairs, n_pairs)
-        per_pair, chosen_rewards, rejected_rewards = output[:3]
-        return per_pair.mean(), {
-            f"rewards_{mode}/chosen": chosen_rewards.detach(),
-            f"rewards_{mode}/rejected": rejected_rewards.detach(),
-            f"rewards_{mode}/accuracies": losses.paired_reward_accuracies(chosen_rewards, rejected_rewards),
-            f"rewards_{mode}/margins": (chosen_rewards - rejected_rewards).detach(),
-            f"logps_{mode}/chosen": policy_chosen_logps.detach(),
-            f"logps_{mode}/rejected": policy_rejected_logps.detach(),
-            f"loss/{mode}": per_pair.detach(),
-        }
+    def reward_metrics(self, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, mode: str) -> Metrics:
+        return {f"rewards_{mode}/chosen": chosen_rewards, f"rewards_{mode}/rejected": rejected_rewards,
+                f"rewards_{mode}/accuracies": losses.paired_reward_accuracies(chosen_rewards, rejected_rewards),
+                f"rewards_{mode}/margins": chosen_rewards - rejected_rewards}
 
 
-class UnpairedPreferenceTrainer(BasicTrainer):
-    """Losses over single responses labelled desirable ('chosen') or undesirable ('rejected').
+class UnpairedPreferenceTrainer(PreferenceTrainer):
+    """Losses over single responses labelled desirable ('chosen') or undesirable ('rejected'): losses
+    (n_chosen + n_rejected,), chosen rows first.
 
-    Subclasses implement `loss`. With `uses_kl_rows`, each batch's mismatched (prompt, other response) rows also run
-    through the model (without gradients) and their mean policy/reference log-ratio, averaged over processes, reaches
-    `loss` as `kl_estimate`.
+    With `uses_kl_rows`, each batch's mismatched (prompt, other response) rows also run through both models
+    (without gradients) and their mean log-ratio over the whole optimizer step, every micro-batch and process,
+    reaches the loss as `kl_estimate` (KTO's reference point z).
     """
 
     compatible_dataloaders = (dataloader.UnpairedPreferenceDataLoader, dataloader.SimpleKTODataLoader)
     uses_kl_rows = False
-    reference_logps_cacheable = True
+    step_kl_estimate: Optional[torch.Tensor] = None  # z of the optimizer step in progress (prepare_step)
 
-    def forward(self, model: torch.nn.Module, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Chosen (n_c,), rejected (n_r,) and, with uses_kl_rows, KL-row (B,) log-probs.
+    def forward(self, model: torch.nn.Module, batch: Dict) -> UnpairedLogps:
+        """Desirable (n_chosen) and undesirable (n_rejected) rows' log-probs from one forward pass."""
+        logps = self.sequence_logps(model, *concatenate_rows(batch, (TARGET_KEYS,), self.tokenizer.pad_token_id))
+        chosen = torch.tensor([status == "chosen" for status in batch[STATUS_KEY]], device=logps.logps.device)
+        return UnpairedLogps(logps.rows(chosen), logps.rows(~chosen))
 
-        The KL rows get a forward pass of their own without gradients: the KL estimate is detached
-        (losses.kto_kl_estimate), so backpropagating through them, as one concatenated pass would, spends a third of
-        KTO's policy compute on zeros.
+    def kl_logps(self, model: torch.nn.Module, batch: Dict) -> torch.Tensor:
+        """(B,) summed log-probs of the batch's KL rows, without gradients.
+
+        They get a forward pass of their own: the KL estimate is detached (losses.kto_kl_estimate), so
+        backpropagating through them, as one concatenated pass would, spends a third of KTO's policy compute on zeros.
         """
-        pad_token_id = self.tokenizer.pad_token_id
-        target_logps = self.sequence_logps(model, *concatenate_rows(batch, (TARGET_KEYS,), pad_token_id))
-        chosen = torch.tensor([status == "chosen" for status in batch[STATUS_KEY]], device=target_logps.device)
-        kl_logps = None
+        with torch.no_grad():
+            return self.sequence_logps(model, *concatenate_rows(batch, (KL_KEYS,), self.tokenizer.pad_token_id)).logps
+
+    def kl_estimate(self, batches: List[Dict]) -> torch.Tensor:
+        """z_local over the KL rows of these batches of every process (the mean policy/reference log-ratio), ()."""
+        self.fill_reference_cache()
+        policy_logps, reference_logps = (
+            distributed.all_gather_if_needed(torch.cat([self.kl_logps(model, batch) for batch in batches]))
+            for model in (self.policy, self.reference_model))
+        return losses.kto_kl_estimate(policy_logps, reference_logps)
+
+    def prepare_step(self, batches: List[Dict]) -> None:
+        # KTO's reference point is one statistic of the whole optimizer step, so splitting the step into
+        # accumulation micro-batches or processes does not change it.
         if self.uses_kl_rows:
-            with torch.no_grad():
-                kl_logps = self.sequence_logps(model, *concatenate_rows(batch, (KL_KEYS,), pad_token_id))
-        return target_logps[chosen], target_logps[~chosen], kl_logps
+            self.step_kl_estimate = self.kl_estimate(batches)
 
-    def loss(self, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-             reference_chosen_logps: Optional[torch.Tensor], reference_rejected_logps: Optional[torch.Tensor],
-             **kwargs) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Losses (n_c + n_r,), chosen rewards (n_c,) and rejected rewards (n_r,) from sequence log-probs."""
-        raise NotImplementedError
+    def loss_statistics(self, batch: Dict, mode: str) -> Dict[str, torch.Tensor]:
+        statistics = super().loss_statistics(batch, mode)
+        if self.uses_kl_rows:
+            prepared = mode == "train" and self.step_kl_estimate is not None
+            statistics["kl_estimate"] = self.step_kl_estimate if prepared else self.kl_estimate([batch])
+        return statistics
 
-    def get_batch_metrics(self, batch: Dict, mode: str) -> Tuple[torch.Tensor, Metrics]:
-        policy_chosen_logps, policy_rejected_logps, policy_kl_logps = self.forward(self.policy, batch)
-        reference_chosen_logps = reference_rejected_logps = None
-        extra, metrics = {}, {}
-        if self.reference_model is not None:
-            reference_chosen_logps, reference_rejected_logps, reference_kl_logps = self.reference_forward(batch)
-            if self.uses_kl_rows:
-                # The reference point is a mean over the whole global batch, so it is averaged over processes.
-                extra["kl_estimate"] = distributed.all_reduce_mean(
-                    losses.kto_kl_estimate(policy_kl_logps, reference_kl_logps))
-                metrics[f"rewards_{mode}/KL_estimate"] = extra["kl_estimate"]
-        output = self.loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                           reference_rejected_logps, **extra)
-        n_chosen, n_rejected = policy_chosen_logps.size(0), policy_rejected_logps.size(0)
-        check_loss_output(self, output, n_chosen, n_rejected, n_chosen + n_rejected)
-        per_example, chosen_rewards, rejected_rewards = output[:3]
-        metrics.update({
-            f"rewards_{mode}/chosen": chosen_rewards.detach(),
-            f"rewards_{mode}/rejected": rejected_rewards.detach(),
-            f"rewards_{mode}/margins": self.global_margin(chosen_rewards, rejected_rewards),
-            f"logps_{mode}/chosen": policy_chosen_logps.detach(),
-            f"logps_{mode}/rejected": policy_rejected_logps.detach(),
-            f"loss/{mode}": per_example.detach(),
-        })
-        return per_example.mean(), metrics
+    def logged_statistics(self, statistics: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {"KL_estimate": statistics["kl_estimate"]} if "kl_estimate" in statistics else {}
+
+    def all_reference_logps(self, batch: Dict) -> None:
+        super().all_reference_logps(batch)
+        if self.uses_kl_rows:
+            self.kl_logps(self.reference_model, batch)
+
+    @staticmethod
+    def n_losses(n_chosen: int, n_rejected: int) -> int:
+        return n_chosen + n_rejected
+
+    def reward_metrics(self, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, mode: str) -> Metrics:
+        return {f"rewards_{mode}/chosen": chosen_rewards, f"rewards_{mode}/rejected": rejected_rewards,
+                f"rewards_{mode}/margins": self.global_margin(chosen_rewards, rejected_rewards)}
 
     @staticmethod
     def global_margin(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -542,40 +688,109 @@ class UnpairedPreferenceTrainer(BasicTrainer):
         return mean_or_zero(chosen_rewards) - mean_or_zero(rejected_rewards)
 
 
+# --- paired losses -------------------------------------------------------------------------------------------
+# Each names its function in losses.py; the hyperparameters it declares are checked before anything loads and
+# passed to the function from config.loss (PreferenceTrainer.loss_from).
+
+
 class DPOTrainer(PairedPreferenceTrainer):
     """Direct Preference Optimization (Rafailov et al., 2023)."""
-
     requires_reference_model = True
-
-    def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
-        return losses.dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                               reference_rejected_logps, beta=self.config.loss.beta)
+    loss_function = losses.dpo_loss
+    hyperparameters = {"beta": losses.POSITIVE}
 
 
-class CDPOTrainer(PairedPreferenceTrainer):
+class CDPOTrainer(DPOTrainer):
     """Conservative DPO: DPO with an assumed rate epsilon of flipped preference labels."""
+    loss_function = losses.cdpo_loss
+    hyperparameters = {"epsilon": losses.CLOSED_HALF}
 
+
+class RobustDPOTrainer(DPOTrainer):
+    """Robust DPO (Chowdhury et al., 2024): unbiased under an assumed label-noise rate epsilon."""
+    loss_function = losses.rdpo_loss
+    hyperparameters = {"epsilon": losses.HALF_OPEN_HALF}
+
+
+class HingeTrainer(DPOTrainer):
+    """A hinge on the DPO margin: max(0, 1 - beta * margin), no gradient past a margin of 1/beta nats."""
+    loss_function = losses.hinge_loss
+
+
+class NCATrainer(DPOTrainer):
+    """Noise Contrastive Alignment, pairwise (Chen et al., 2024): the chosen likelihood rises itself, not only the
+    margin over the rejected one."""
+    loss_function = losses.nca_loss
+
+
+class APOZeroTrainer(DPOTrainer):
+    """Anchored Preference Optimization, zero (D'Oosterlinck et al., 2024): chosen up, rejected down, each anchored
+    at the reference; for chosen responses better than the model's own."""
+    loss_function = losses.apo_zero_loss
+
+
+class APODownTrainer(DPOTrainer):
+    """Anchored Preference Optimization, down (D'Oosterlinck et al., 2024): the rejected likelihood down, the chosen
+    one held back by the margin term; for chosen responses worse than the model's own."""
+    loss_function = losses.apo_down_loss
+
+
+class SPPOHardTrainer(DPOTrainer):
+    """Self-Play Preference Optimization with hard labels (Wu et al., 2024): log-ratios regressed to +-1/(2 beta)."""
+    loss_function = losses.sppo_hard_loss
+
+
+class BCOPairTrainer(DPOTrainer):
+    """Binary Classifier Optimization on both responses of each pair, with a running-mean reward shift delta."""
+    loss_function = losses.bco_pair_loss
+    loss_state_class = RunningRewardMean
+
+
+class DPONormTrainer(DPOTrainer):
+    """Length-normalised DPO: DPO on per-token log-ratios."""
+    loss_function = losses.dpo_norm_loss
+    length_normalised = True
+
+
+class IPOTrainer(PairedPreferenceTrainer):
+    """Identity Preference Optimization (Azar et al., 2024) on per-token log-ratios."""
     requires_reference_model = True
+    loss_function = losses.ipo_loss
+    length_normalised = True
+    hyperparameters = {"tau": losses.POSITIVE}
 
-    def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
-        return losses.cdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                                reference_rejected_logps, beta=self.config.loss.beta, epsilon=self.config.loss.epsilon)
+
+class SimPOTrainer(PairedPreferenceTrainer):
+    """SimPO (Meng et al., 2024): per-token log-probs with a target margin gamma; no reference model."""
+    loss_function = losses.simpo_loss
+    length_normalised = True
+    hyperparameters = {"beta": losses.POSITIVE, "gamma": losses.NONNEGATIVE}
+
+
+class ORPOTrainer(PairedPreferenceTrainer):
+    """Odds-Ratio Preference Optimization (Hong et al., 2024): NLL plus an odds-ratio term; no reference model."""
+    loss_function = losses.orpo_loss
+    length_normalised = True
+    hyperparameters = {"lambda_coef": losses.NONNEGATIVE}
 
 
 class SLiCTrainer(PairedPreferenceTrainer):
     """SLiC-HF: a hinge on the chosen/rejected log-prob margin plus an NLL regulariser; no reference model."""
+    loss_function = losses.slic_loss
+    hyperparameters = {"beta": losses.NONNEGATIVE, "lambda_coef": losses.NONNEGATIVE}
 
-    def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
-        return losses.slic_loss(policy_chosen_logps, policy_rejected_logps, beta=self.config.loss.beta,
-                                lambda_coef=self.config.loss.lambda_coef)
+
+# --- unpaired losses -----------------------------------------------------------------------------------------
 
 
 class KTOTrainer(UnpairedPreferenceTrainer):
     """Kahneman-Tversky Optimization with the mismatched-pair KL estimate as reference point."""
-
     requires_reference_model = True
     compatible_dataloaders = (dataloader.UnpairedPreferenceDataLoader,)  # it builds the KL rows
     uses_kl_rows = True
+    loss_function = losses.kto_loss
+    hyperparameters = {"beta": losses.POSITIVE, "desirable_weight": losses.NONNEGATIVE,
+                       "undesirable_weight": losses.NONNEGATIVE}
 
     @classmethod
     def config_problems(cls, config: DictConfig) -> List[str]:
@@ -586,32 +801,24 @@ class KTOTrainer(UnpairedPreferenceTrainer):
                                 f"its reference point, so batches need at least 2 examples, got {config.model[key]}")
         return problems
 
-    def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-             kl_estimate):
-        config = self.config.loss
-        return losses.kto_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                               reference_rejected_logps, kl_estimate, beta=config.beta,
-                               desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight)
-
 
 class SimpleKTOTrainer(UnpairedPreferenceTrainer):
     """KTO whose reference points are the opposite class's mean reward in the microbatch."""
-
     requires_reference_model = True
-
-    def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
-        return losses.simple_kto_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                                      reference_rejected_logps, beta=self.config.loss.beta)
+    loss_function = losses.simple_kto_loss
+    hyperparameters = {"beta": losses.POSITIVE}
 
 
-class KTOZeroTrainer(UnpairedPreferenceTrainer):
-    """KTO with a reference point of zero."""
+class KTOZeroTrainer(SimpleKTOTrainer):
+    """KTO with a reference point of zero: 1 - sigmoid(beta r) for desirable, 1 - sigmoid(-beta r) for undesirable
+    responses. It is also APO-zero for unpaired data (config/loss/apo-zero-unpaired.yaml): one loss, two names."""
+    loss_function = losses.kto_zero_loss
 
-    requires_reference_model = True
 
-    def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
-        return losses.kto_zero_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                                    reference_rejected_logps, beta=self.config.loss.beta)
+class BCOTrainer(SimpleKTOTrainer):
+    """Binary Classifier Optimization (Jung et al., 2024) with a running-mean reward shift delta."""
+    loss_function = losses.bco_loss
+    loss_state_class = RunningRewardMean
 
 
 class Rollout(NamedTuple):
@@ -631,6 +838,8 @@ class PPOTrainer(BasicTrainer):
 
     requires_reference_model = True
     compatible_dataloaders = (dataloader.UnpairedPreferenceDataLoader,)
+    hyperparameters = {"ppo_epochs": losses.POSITIVE_INT, "cliprange": losses.OPEN_UNIT, "lam": losses.UNIT_INTERVAL,
+                       "gamma": losses.UNIT_INTERVAL, "critic_coef": losses.NONNEGATIVE, "KL_coef": losses.NONNEGATIVE}
 
     @classmethod
     def wrap_policy(cls, policy: torch.nn.Module) -> torch.nn.Module:

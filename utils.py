@@ -1,6 +1,7 @@
 """Small tensor and formatting helpers shared by trainers, models and scripts."""
+import itertools
 from pathlib import Path
-from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -116,29 +117,11 @@ def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), IGNORE_INDEX)], dim=1)
 
 
-def summed_label_logps(kept_logits: torch.Tensor, next_labels: torch.Tensor, rows: torch.Tensor,
-                       n_rows: int) -> torch.Tensor:
-    """(n_rows,) sums of label log-probs from logits kept only where the next token is labelled.
-
-    The logits' storage is reused for their gradient (`label_logps`): they must be a model output used for nothing
-    else.
-
-    Args:
-        kept_logits: (K, V) logits at the K positions where `next_labels` is not IGNORE_INDEX, in row-major order
-            (what a Hugging Face model returns for `logits_to_keep=next_labels != IGNORE_INDEX`).
-        next_labels: (R, T) labels of the following tokens (`next_token_labels`).
-        rows: (R, T) the output row each position's log-prob is added to.
-    """
-    keep = next_labels != IGNORE_INDEX
-    token_logps = label_logps(kept_logits, next_labels[keep], overwrite_logits=True)
-    return token_logps.new_zeros(n_rows).index_add(0, rows[keep], token_logps)
-
-
 def get_batch_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sequence log-probabilities: (B,) sums over labelled tokens of log p(label_t | tokens < t), from full logits.
 
     Computed in float32 (the original computed log_softmax in the policy dtype, bf16 by default). The trainers use
-    the leaner `summed_label_logps`; this is the plain reference computation it is checked against.
+    the leaner `BasicTrainer.model_logps`; this is the plain reference computation it is checked against.
 
     Args:
         logits: (B, T, V) model outputs.
@@ -155,7 +138,8 @@ class PackedRows(NamedTuple):
     """
 
     input_ids: torch.Tensor  # (R, C)
-    position_ids: torch.Tensor  # (R, C), restarting at 0 for each sequence (and for the padding that ends a row)
+    position_ids: torch.Tensor  # (R, C), restarting at 0 for each sequence (and for the padding that ends a row):
+    # a sequence's position ids are its columns in its original row
     labels: torch.Tensor  # (R, C), IGNORE_INDEX at each sequence's first token and at padding
     rows: torch.Tensor  # (R, C) long: the original row of each position (N at padding)
     n_rows: int  # N
@@ -220,3 +204,10 @@ def disable_dropout(model: torch.nn.Module) -> None:
 def formatted_dict(d: Mapping[str, float]) -> Dict[str, str]:
     """Floats rendered with 5 significant digits, for printing metrics."""
     return {k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def chunked(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of `size` items (the last one may be shorter)."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import defaultdict
 from pathlib import Path
 from typing import List, Optional
 
@@ -33,7 +34,7 @@ from models import control_tokens, load_tokenizer  # noqa: E402
 from resolve import resolve_class  # noqa: E402
 from utils import register_resolvers  # noqa: E402
 
-LOSSES = ("sft", "csft", "dpo", "cdpo", "slic", "kto", "kto-simple", "kto-zero", "ppo")
+LOSSES = tuple(sorted(path.stem for path in (REPO_ROOT / "config" / "loss").glob("*.yaml")))
 
 
 def build_trainer(loss: str, n_batches: int, cached: bool, cache_dir: str):
@@ -52,19 +53,17 @@ def build_trainer(loss: str, n_batches: int, cached: bool, cache_dir: str):
 
 
 def step_times(trainer) -> List[float]:
-    """CPU seconds of each batch after the first: the train loop's work on it, without logging or evaluation."""
+    """CPU seconds of each batch after the first: the train loop's work on it (prepare_step, the trainer's passes,
+    backward, metric gathering, clipping, the optimizer step and any loss state), without logging or evaluation."""
     config = trainer.config
-    optimizer = getattr(torch.optim, config.optimizer)(trainer.policy.parameters(), lr=config.lr)
+    trainer.optimizer = getattr(torch.optim, config.optimizer)(trainer.policy.parameters(), lr=config.lr)
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1.0)
     times = []
     for batch in trainer.train_iterator:
         start = time.process_time()
         local_batch = distributed.slice_batch_for_rank(batch, 0, 1, trainer.device)
-        for training_batch in trainer.training_passes(local_batch):
-            step_loss, _ = trainer.get_batch_metrics(training_batch, mode="train")
-            step_loss.backward()
-        trainer.clip_gradient()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        trainer.prepare_step([local_batch])
+        trainer.train_on_batch(local_batch, defaultdict(list), pending=0)
         times.append(time.process_time() - start)
     return times[1:]
 
@@ -89,7 +88,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         for loss in args.losses:
             trainer = build_trainer(loss, args.batches + 1, False, cache_dir)
             live = statistics.median(step_times(trainer))
-            cacheable = trainer.reference_model is not None and trainer.reference_logps_cacheable
+            cacheable = trainer.reference_model is not None and trainer.caches_reference_logps()
             cached = statistics.median(step_times(build_trainer(loss, args.batches + 1, True, cache_dir))) \
                 if cacheable else None
             rows.append((loss, live, cached))

@@ -12,6 +12,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import distributed
@@ -45,33 +46,29 @@ class StepRecorder:
         return output_dir
 
 
-class RecordingSFTTrainer(StepRecorder, trainers.SFTTrainer):
-    pass
+def recording_trainer(loss: str) -> str:
+    """The name of a class here that records `loss`'s trainer (config/loss/<loss>.yaml), made on first use."""
+    trainer = OmegaConf.load(REPO_ROOT / "config" / "loss" / f"{loss}.yaml").trainer
+    name = f"Recording{trainer}"
+    if name not in globals():
+        globals()[name] = type(name, (StepRecorder, getattr(trainers, trainer)), {})
+    return name
 
 
-class RecordingDPOTrainer(StepRecorder, trainers.DPOTrainer):
-    pass
-
-
-class RecordingKTOTrainer(StepRecorder, trainers.KTOTrainer):
-    pass
-
-
-class RecordingKTOZeroTrainer(StepRecorder, trainers.KTOZeroTrainer):
-    pass
-
-
-RECORDING_TRAINERS = {"sft": "RecordingSFTTrainer", "dpo": "RecordingDPOTrainer", "kto": "RecordingKTOTrainer",
-                      "kto-zero": "RecordingKTOZeroTrainer"}
+# Every trainer a recorded run may use exists at import, so that spawned processes find it by name too.
+for _loss_file in sorted((REPO_ROOT / "config" / "loss").glob("*.yaml")):
+    recording_trainer(_loss_file.stem)
 
 
 def recorded_run_overrides(loss: str, exp_name: str, cache_dir: Path) -> List[str]:
-    """Command-line overrides of a small recorded run of `loss` on the tiny model (16 examples, 4 steps)."""
+    """Command-line overrides of a small recorded run of `loss` on the tiny model (16 examples, 4 steps), in float64
+    so that runs summing in different orders agree to ~1e-13 and the comparisons hold on any CPU."""
     return [f"loss={loss}", "model=tiny", "datasets=[hh]", "mode=train", f"exp_name={exp_name}",
-            f"cache_dir={cache_dir}", f"loss.trainer=distributed_worker.{RECORDING_TRAINERS[loss]}",
+            f"cache_dir={cache_dir}", f"loss.trainer=distributed_worker.{recording_trainer(loss)}",
             "wandb.enabled=false", "n_epochs=null", "n_examples=16", "n_eval_examples=8", "model.batch_size=4",
             "model.eval_batch_size=4", "minimum_log_interval_secs=0", "lr=1e-4", "warmup_steps=1",
-            "model.max_length=64", "model.max_prompt_length=32"]
+            "model.max_length=64", "model.max_prompt_length=32", "model.policy_dtype=float64",
+            "model.reference_dtype=float64"]
 
 
 def run_recorded(loss: str, exp_name: str, cache_dir: Path, extra: Sequence[str] = ()) -> Path:
@@ -87,12 +84,12 @@ def read_steps(run_dir: Path) -> List[Dict[str, float]]:
         return [json.loads(line) for line in f]
 
 
-def tiny_model() -> torch.nn.Module:
+def tiny_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The tiny Llama with seeded random weights (identical in every process)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(REPO_ROOT / "assets" / "tiny-llama"),
-                                                dtype=torch.float32)
+                                                dtype=dtype)
 
 
 def collective_observations() -> Dict[str, list]:

@@ -9,15 +9,16 @@ import pytest
 
 from utils import REPO_ROOT
 
-MODULES = sorted(p.stem for p in REPO_ROOT.glob("*.py"))
+PACKAGES = sorted(p.parent.name for p in REPO_ROOT.glob("*/__init__.py") if p.parent.name not in ("tests", "bench"))
+MODULES = sorted([p.stem for p in REPO_ROOT.glob("*.py")] + PACKAGES)
 LEAVES = {"errors": set(), "resolve": {"errors"}}
 
 
 def project_imports(module: str) -> set:
-    """Names of this project's top-level modules that `module` imports anywhere in its source."""
-    tree = ast.parse((REPO_ROOT / f"{module}.py").read_text())
+    """Names of this project's top-level modules (and packages) that `module` imports anywhere in its source."""
+    files = sorted((REPO_ROOT / module).glob("*.py")) if module in PACKAGES else [REPO_ROOT / f"{module}.py"]
     found = set()
-    for node in ast.walk(tree):
+    for node in (node for file in files for node in ast.walk(ast.parse(file.read_text()))):
         if isinstance(node, ast.Import):
             found |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -26,7 +27,8 @@ def project_imports(module: str) -> set:
 
 
 def test_every_module_imports_in_a_fresh_interpreter():
-    code = "; ".join(f"import {m}" for m in MODULES)
+    submodules = [f"{package}.{p.stem}" for package in PACKAGES for p in (REPO_ROOT / package).glob("*.py")]
+    code = "; ".join(f"import {m}" for m in MODULES + submodules)
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
 

@@ -126,10 +126,17 @@ def right_padded_batch(lengths, vocab: int = 4096, seed: int = 0):
     return input_ids, attention_mask, labels
 
 
+def bare_trainer(pack: bool, token_level: bool = False) -> trainers.BasicTrainer:
+    """A BasicTrainer with just what sequence_logps reads: pack_sequences, the pad id, token_level_logps."""
+    trainer = trainers.BasicTrainer.__new__(trainers.BasicTrainer)
+    trainer.config, trainer.tokenizer = SimpleNamespace(pack_sequences=pack), SimpleNamespace(pad_token_id=1)
+    trainer.token_level_logps = token_level
+    return trainer
+
+
 def trainer_sequence_logps(model, pack: bool, *rows) -> torch.Tensor:
     """BasicTrainer.sequence_logps, the path every trainer's forward takes, with pack_sequences on or off."""
-    trainer = SimpleNamespace(config=SimpleNamespace(pack_sequences=pack), tokenizer=SimpleNamespace(pad_token_id=1))
-    return trainers.BasicTrainer.sequence_logps(trainer, model, *rows)
+    return bare_trainer(pack).sequence_logps(model, *rows).logps
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -209,7 +216,7 @@ def test_speed_switches_must_be_booleans(compose_config):
 
 def test_ppo_cannot_cache_its_reference_log_probs(compose_config):
     config = compose_config("loss=ppo", "exp_name=x", "cache_reference_logprobs=true", *TINY_RUN)
-    with pytest.raises(ConfigError, match="cache_reference_logprobs: PPOTrainer reads the reference model outside"):
+    with pytest.raises(ConfigError, match="cache_reference_logprobs: PPOTrainer reads reference log-probs the cache does not hold"):
         validate_train_config(config, "ppo")
 
 
