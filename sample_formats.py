@@ -109,6 +109,8 @@ def read_response_file(path: str, questions_path: str | None = None) -> Response
     """Read and recognise one file of responses (any of the three formats)."""
     file = Path(path)
     data = read_json(file, "sample file")
+    if isinstance(data, dict) and "question_id" in data:
+        data = [data]  # JSON Lines with a single answer parse as one object
     if isinstance(data, dict) and isinstance(data.get("samples"), list):
         config = data.get("config", {})
         if not isinstance(config, dict):

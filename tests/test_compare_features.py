@@ -320,6 +320,17 @@ def test_arena_hard_answers_against_each_other(tmp_path, server):
     assert (result["candidate"]["wins"], result["baseline"]["wins"]) == (2, 1)
 
 
+def test_an_arena_hard_file_with_a_single_answer(tmp_path, server):
+    arena_hard_files(tmp_path)
+    for model in ("model-a", "model-b"):
+        first_line = (tmp_path / f"{model}.jsonl").read_text().splitlines()[0]
+        (tmp_path / f"{model}.jsonl").write_text(first_line + "\n")  # one line: it parses as one JSON object
+    argv = ["-f", str(tmp_path / "model-a.jsonl"), "-bf", str(tmp_path / "model-b.jsonl"), "--questions",
+            str(tmp_path / "question.jsonl"), "--length_unit", "characters", *fast_flags(server.base_url, tmp_path)]
+    assert compare.main(argv) == 0
+    assert read_jsonl(tmp_path / "results.jsonl")[0]["candidate"]["wins"] == 1
+
+
 @pytest.mark.parametrize("change, message", [
     ("no_questions", "pass the questions file with --questions"),
     ("no_baseline", "hold one model's answers; pass the baseline's file"),
