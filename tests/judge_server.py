@@ -1,34 +1,45 @@
 """A loopback OpenAI-compatible judge server for tests and benchmarks.
 
-`JudgeServer` serves `POST /v1/chat/completions` on 127.0.0.1 (OS-chosen port) from a background
-thread, in the OpenAI chat-completion response schema, so `compare.py` can be driven through the
-real `openai` SDK without any network.
+`JudgeServer` serves `POST /v1/chat/completions` on 127.0.0.1 (OS-chosen port) from a background thread, in the
+OpenAI chat-completion response schema, so `compare.py` can be driven through the real `openai` SDK without any
+network.
 
-Verdicts are deterministic: the judge names the shown response whose text contains `WINNER_MARKER`,
-and answers `TIE_REPLY` (which names no response) when neither or both do. Faults are planned per
-conversation: `add_faults(text, faults)` makes successive requests whose messages contain `text`
-take the given faults in turn, then behave normally. Fault kinds:
+Verdicts are deterministic and depend on the requested model: `judges` maps a model name to a reply function of
+the messages (default `marker_judge`, which names the shown response whose text contains `WINNER_MARKER`). Usage
+is reported as whitespace-separated words: `prompt_tokens` of all message contents, `completion_tokens` of the
+reply.
+
+Faults are planned per conversation: `add_faults(text, faults)` makes successive requests whose messages contain
+`text` (and, with `model`, ask for that model) take the given faults in turn, then behave normally. Fault kinds:
 
 * ``"429"``, ``"500"``, ``"401"``: answer with that HTTP status and an OpenAI-style error body.
-* ``"echo400"``: answer 400 with the request's Authorization header in the error message (to check
-  that clients never write secrets they are sent back).
+* ``"echo400"``: answer 400 with the request's Authorization header in the error message (to check that
+  clients never write secrets they are sent back).
 * ``"slow"``: wait `slow_seconds` before answering normally (to trip a client timeout).
+* ``"hang"``: never answer (until the server stops); only a client timeout ends the request.
 * ``"unparsable"``: answer ``UNPARSABLE_REPLY``, which names no response.
 * ``"bad_label"``: answer ``"Response Z"``, a label that was not shown.
+* 200 replies without judge text: ``"empty_choices"`` (``choices: []``), ``"no_choices"`` (no ``choices``
+  key), ``"null_content"`` (``content: null``).
+* 200 replies that are not a chat completion: ``"plain_text"`` (a ``text/plain`` body), ``"not_json"``,
+  ``"bad_utf8"`` (invalid UTF-8) and ``"truncated"`` (JSON cut short), all labelled ``application/json``.
 
-Pass ``always("500")`` as faults for a conversation that always fails.
+Pass ``always("500")`` as faults for a conversation that always fails. `closed_port_url` and `ConnectionDropper`
+stand in for endpoints that cannot be reached.
 """
 
 import itertools
 import json
 import re
+import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 WINNER_MARKER = "[good]"
+STRONG_MARKER = "[great]"
 TIE_REPLY = "Both are equally fine."
 UNPARSABLE_REPLY = "I cannot decide."
 BAD_LABEL_REPLY = "Response Z"
@@ -36,6 +47,18 @@ COMPLETIONS_PATH = "/v1/chat/completions"
 # The blocks compare.py shows the judge: "Response {label}: {text}\nEND OF RESPONSE {label}".
 SHOWN_RESPONSE = re.compile(r"Response (.): (.*?)\nEND OF RESPONSE \1", re.DOTALL)
 ERROR_STATUSES = {"401": 401, "429": 429, "500": 500}
+REPLY_FAULTS = {"unparsable": UNPARSABLE_REPLY, "bad_label": BAD_LABEL_REPLY}
+# Bodies of 200 replies that carry no judge text, or are no chat completion at all: (content type, bytes).
+BROKEN_BODIES = {
+    "empty_choices": ("application/json", json.dumps({"id": "x", "object": "chat.completion", "created": 0,
+                                                      "model": "m", "choices": []}).encode()),
+    "no_choices": ("application/json", json.dumps({"id": "x", "object": "chat.completion", "created": 0,
+                                                   "model": "m"}).encode()),
+    "plain_text": ("text/plain", b"upstream hiccup, try again"),
+    "not_json": ("application/json", b"upstream hiccup, try again"),
+    "bad_utf8": ("application/json", b'{"id": "x\xff\xfe", "choices": []}'),
+    "truncated": ("application/json", b'{"id": "x", "object": "chat.completion", "choices": [{"index": 0, "mes'),
+}
 
 
 @dataclass
@@ -53,14 +76,44 @@ class ReceivedRequest:
         return "\n".join(message["content"] for message in self.body["messages"])
 
 
-def judge_reply(messages: list[dict]) -> str:
-    """The deterministic verdict: name the shown response that carries `WINNER_MARKER`."""
-    shown = SHOWN_RESPONSE.findall(messages[-1]["content"])
-    winners = [label for label, text in shown if WINNER_MARKER in text]
+def shown_responses(messages: list[dict]) -> list[tuple[str, str]]:
+    """(label, text) of the responses shown in the judge's last message, in order."""
+    return SHOWN_RESPONSE.findall(messages[-1]["content"])
+
+
+def marker_judge(messages: list[dict]) -> str:
+    """The binary verdict: name the shown response that carries `WINNER_MARKER`; a tie if none or both do."""
+    winners = [label for label, text in shown_responses(messages) if WINNER_MARKER in text]
     return f"Response {winners[0]}" if len(winners) == 1 else TIE_REPLY
 
 
-def completion_body(model: str, content: str) -> dict:
+def first_shown_judge(messages: list[dict]) -> str:
+    """A judge with total position bias: it always picks the response shown first."""
+    return f"Response {shown_responses(messages)[0][0]}"
+
+
+def contrarian_judge(messages: list[dict]) -> str:
+    """Disagrees with `marker_judge` whenever that one picks a response."""
+    shown = shown_responses(messages)
+    losers = [label for label, text in shown if WINNER_MARKER not in text]
+    return f"Response {losers[0]}" if len(losers) == 1 else TIE_REPLY
+
+
+def graded_marker_judge(messages: list[dict]) -> str:
+    """The graded verdict `[[a>b]]`: a response scores 2 with `STRONG_MARKER`, 1 with `WINNER_MARKER`, else 0;
+    a difference of 2 is "much better"."""
+    (first, first_text), (second, second_text) = shown_responses(messages)
+    score = lambda text: 2 if STRONG_MARKER in text else 1 if WINNER_MARKER in text else 0  # noqa: E731
+    difference = score(first_text) - score(second_text)
+    relation = {2: ">>", 1: ">", 0: "="}[abs(difference)]
+    return f"Verdict: [[{first}{relation}{second}]]" if difference >= 0 else f"Verdict: [[{second}{relation}{first}]]"
+
+
+def word_count(text: str) -> int:
+    return len(text.split())
+
+
+def completion_body(model: str, content: str | None, prompt_tokens: int) -> dict:
     """A chat-completion response in the OpenAI schema."""
     return {
         "id": "chatcmpl-loopback",
@@ -75,7 +128,8 @@ def completion_body(model: str, content: str) -> dict:
                 "logprobs": None,
             }
         ],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": word_count(content or ""),
+                  "total_tokens": prompt_tokens + word_count(content or "")},
     }
 
 
@@ -98,16 +152,20 @@ class JudgeServer:
     Args:
         latency: seconds every request waits before it is answered.
         slow_seconds: extra wait of the ``"slow"`` fault.
+        judges: model name -> reply function of the messages; other models get `marker_judge`.
     """
 
-    def __init__(self, latency: float = 0.0, slow_seconds: float = 1.0):
+    def __init__(self, latency: float = 0.0, slow_seconds: float = 1.0,
+                 judges: dict[str, Callable[[list[dict]], str]] | None = None):
         self.latency = latency
         self.slow_seconds = slow_seconds
+        self.judges = judges or {}
         self.requests: list[ReceivedRequest] = []
         self.max_in_flight = 0
         self._in_flight = 0
-        self._fault_plans: list[tuple[str, Iterator[str]]] = []
+        self._fault_plans: list[tuple[str, str | None, Iterator[str]]] = []
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self._httpd = LoopbackHTTPServer(("127.0.0.1", 0), self._handler_class())
         # A short poll interval makes `stop` quick (the default 0.5 s would dominate test time).
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02},
@@ -123,6 +181,7 @@ class JudgeServer:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()  # releases hanging requests
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -132,22 +191,23 @@ class JudgeServer:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
-    def add_faults(self, text: str, faults: Iterable[str]) -> None:
-        """Give successive requests whose messages contain `text` these faults, in order."""
+    def add_faults(self, text: str, faults: Iterable[str], model: str | None = None) -> None:
+        """Give successive requests whose messages contain `text` (for `model`, if given) these faults, in order."""
         with self._lock:
-            self._fault_plans.append((text, iter(faults)))
+            self._fault_plans.append((text, model, iter(faults)))
 
-    def requests_containing(self, text: str) -> list[ReceivedRequest]:
-        """The requests received so far whose messages contain `text`."""
+    def requests_containing(self, text: str, model: str | None = None) -> list[ReceivedRequest]:
+        """The requests received so far whose messages contain `text` (and that asked for `model`)."""
         with self._lock:
-            return [request for request in self.requests if text in request.text]
+            return [request for request in self.requests
+                    if text in request.text and model in (None, request.body.get("model"))]
 
     def _record(self, body: dict, authorization: str) -> ReceivedRequest:
         """Log a request, take its planned fault and count it as in flight."""
         with self._lock:
             request = ReceivedRequest(body, authorization, time.monotonic(), None)
-            for text, faults in self._fault_plans:
-                if text in request.text:
+            for text, model, faults in self._fault_plans:
+                if text in request.text and model in (None, body.get("model")):
                     request.fault = next(faults, None)
                     break
             self.requests.append(request)
@@ -159,17 +219,25 @@ class JudgeServer:
         with self._lock:
             self._in_flight -= 1
 
-    def _answer(self, request: ReceivedRequest) -> tuple[int, dict]:
-        """Status and JSON body for a recorded request, after its latency."""
+    def _answer(self, request: ReceivedRequest) -> tuple[int, str, bytes]:
+        """Status, content type and body for a recorded request, after its latency."""
         time.sleep(self.latency + (self.slow_seconds if request.fault == "slow" else 0.0))
+        if request.fault == "hang":
+            self._stopping.wait()
         model = request.body.get("model", "")
         if request.fault in ERROR_STATUSES:
-            return ERROR_STATUSES[request.fault], error_body(f"injected {request.fault}")
+            return ERROR_STATUSES[request.fault], "application/json", json_bytes(
+                error_body(f"injected {request.fault}"))
         if request.fault == "echo400":
-            return 400, error_body(f"bad request with Authorization {request.authorization}")
-        replies = {"unparsable": UNPARSABLE_REPLY, "bad_label": BAD_LABEL_REPLY}
-        content = replies.get(request.fault) or judge_reply(request.body["messages"])
-        return 200, completion_body(model, content)
+            return 400, "application/json", json_bytes(
+                error_body(f"bad request with Authorization {request.authorization}"))
+        if request.fault in BROKEN_BODIES:
+            return 200, *BROKEN_BODIES[request.fault]
+        messages = request.body["messages"]
+        content = None if request.fault == "null_content" else (
+            REPLY_FAULTS.get(request.fault) or self.judges.get(model, marker_judge)(messages))
+        prompt_tokens = sum(word_count(message["content"]) for message in messages)
+        return 200, "application/json", json_bytes(completion_body(model, content, prompt_tokens))
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -185,7 +253,7 @@ class JudgeServer:
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length))
                 if self.path != COMPLETIONS_PATH:
-                    self._send(404, error_body(f"no route {self.path}"))
+                    self._send(404, "application/json", json_bytes(error_body(f"no route {self.path}")))
                     return
                 request = server._record(body, self.headers.get("Authorization", ""))
                 try:
@@ -193,11 +261,10 @@ class JudgeServer:
                 finally:
                     server._finish()
 
-            def _send(self, status: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
+            def _send(self, status: int, content_type: str, data: bytes) -> None:
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", content_type)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
@@ -210,6 +277,54 @@ class JudgeServer:
         return Handler
 
 
+def json_bytes(payload: dict) -> bytes:
+    return json.dumps(payload).encode()
+
+
 def always(fault: str) -> Iterator[str]:
     """A fault plan that never recovers."""
     return itertools.repeat(fault)
+
+
+def closed_port_url() -> str:
+    """The base URL of a loopback port nothing listens on: every connection is refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+class ConnectionDropper:
+    """A loopback TCP endpoint that accepts each connection and closes it at once, counting them.
+
+    To the client every request is a failed connection, as with a dead endpoint, but the attempts can be counted.
+    """
+
+    def __init__(self):
+        self.connections = 0
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self._socket.settimeout(0.05)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._socket.getsockname()[1]}/v1"
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                connection, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            connection.close()
+
+    def __enter__(self) -> "ConnectionDropper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stopping.set()
+        self._thread.join()
+        self._socket.close()
