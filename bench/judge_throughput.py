@@ -2,7 +2,7 @@
 
 Starts the loopback OpenAI-compatible server from tests/judge_server.py with a fixed reply latency, plans the
 requests compare.py makes for N prompts (both orders of each with `--both_orders`: 2N requests), then times the
-judge engine (`judge_engine.ChatEngine`, the real openai SDK over HTTP, sleep_time 0) on them at `--concurrency`
+judge engine (`judging.engine.ChatEngine`, the real openai SDK over HTTP, sleep_time 0) on them at `--concurrency`
 and at concurrency 1.
 
     .venv/bin/python bench/judge_throughput.py --n 64 --concurrency 16 --latency 0.2 --both_orders
@@ -16,11 +16,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
 
-from judge_engine import ChatEngine, EngineSettings, Endpoint, run_engines  # noqa: E402
-from judge_protocol import PromptFormat, shown_orders  # noqa: E402
+from judging.engine import ChatEngine, EngineSettings, Endpoint, run_engines  # noqa: E402
+from judging.protocol import PromptFormat, shown_orders  # noqa: E402
 from judge_server import JudgeServer  # noqa: E402
-from judgments import JudgingPlan, plan_comparisons  # noqa: E402
-from sample_formats import PairSet  # noqa: E402
+from judging.judgments import JudgingPlan, plan_comparisons  # noqa: E402
+from judging.sample_formats import PairSet  # noqa: E402
 
 JUDGE = "loopback-judge"
 

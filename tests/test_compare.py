@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 import compare
-from judge_engine import ChatRequest, request_key
-from judge_protocol import PromptFormat, build_messages, clean_response, first_margin, history_before_last_turn, \
+from judging.engine import ChatRequest, request_key
+from judging.protocol import PromptFormat, build_messages, clean_response, first_margin, history_before_last_turn, \
     shown_orders
 from judge_server import ConnectionDropper, JudgeServer, always, closed_port_url
-from win_rate_stats import bootstrap_intervals, length_feature
+from judging.stats import bootstrap_intervals, length_feature
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO_ROOT / "assets" / "tiny-llama"

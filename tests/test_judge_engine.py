@@ -1,9 +1,9 @@
-"""judge_engine as a library: requests through the real openai SDK against the loopback judge server, with the
+"""judging.engine as a library: requests through the real openai SDK against the loopback judge server, with the
 faults misbehaving OpenAI-compatible servers show."""
 
 import pytest
 
-from judge_engine import (ChatEngine, ChatRequest, EndpointHealth, EngineSettings, Endpoint, JudgeRejectedError,
+from judging.engine import (ChatEngine, ChatRequest, EndpointHealth, EngineSettings, Endpoint, JudgeRejectedError,
                           JudgeUnreachableError, request_key, run_engines)
 from judge_server import BROKEN_BODIES, ConnectionDropper, JudgeServer, always, closed_port_url
 

@@ -1,4 +1,4 @@
-"""win_rate_stats: each statistic against values computed by hand on small tables, and the length-controlled
+"""judging.stats: each statistic against values computed by hand on small tables, and the length-controlled
 win rate on synthetic judges that prefer longer answers."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from win_rate_stats import (bootstrap_counts, bootstrap_intervals, clopper_pearson_interval, cohen_kappa,
+from judging.stats import (bootstrap_counts, bootstrap_intervals, clopper_pearson_interval, cohen_kappa,
                             fit_length_logistic, length_controlled_rates, length_feature, percent_agreement,
                             percentile_interval, weighted_rates)
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from judgments import Verdict
-from win_rate_stats import (bootstrap_intervals, clopper_pearson_interval, cohen_kappa, length_controlled_rates,
+from judging.judgments import Verdict
+from judging.stats import (bootstrap_intervals, clopper_pearson_interval, cohen_kappa, length_controlled_rates,
                             percent_agreement, weighted_rates)
 
 

@@ -1,6 +1,6 @@
 """The judgments file: an append-only JSONL log of finished judge requests that doubles as their cache.
 
-Each line is one request's transcript, keyed by `judge_engine.request_key` (a hash of the judge model, the
+Each line is one request's transcript, keyed by `judging.engine.request_key` (a hash of the judge model, the
 template and the exact messages, which hold both texts in the order shown, and the seed):
 
     {"key": "3f2a...", "judge": "gpt-4-0613", "template": "halos-binary-v1", "request": {...the request body...},
@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from errors import HalosError
-from judge_engine import ChatReply, ChatRequest
+from judging.engine import ChatReply, ChatRequest
 
 RECORD_FIELDS = ("key", "judge", "judge_output", "error", "attempts")
 

@@ -1,16 +1,16 @@
 """Pairwise judgments: which requests a comparison needs, sending the ones the cache lacks, reading verdicts back.
 
 A comparison of n prompts by J judges needs n x J requests, or 2 x n x J with both orders. Each is keyed by
-its content (`judge_engine.request_key`), looked up in the judgments file, and sent only if it has no reply there.
+its content (`judging.engine.request_key`), looked up in the judgments file, and sent only if it has no reply there.
 """
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from judge_engine import ChatEngine, ChatReply, ChatRequest, EngineSettings, Endpoint, request_key, run_engines
-from judge_protocol import build_messages, first_margin, max_tokens_for
-from judgment_cache import JudgmentCache, reply_record
-from sample_formats import PairSet
+from judging.engine import ChatEngine, ChatReply, ChatRequest, EngineSettings, Endpoint, request_key, run_engines
+from judging.protocol import build_messages, first_margin, max_tokens_for
+from judging.cache import JudgmentCache, reply_record
+from judging.sample_formats import PairSet
 
 
 @dataclass(frozen=True)

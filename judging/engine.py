@@ -3,7 +3,7 @@
 The engine knows nothing about what it asks: it takes `ChatRequest`s, sends each through `openai.AsyncOpenAI`
 with bounded concurrency, retries what is worth retrying, and hands every finished request to a callback as a
 `ChatReply` (the text, or an error after the last retry). Resuming is the caller's: `request_key` names a request
-by its content, so a log of replies keyed by it is a cache (see judgment_cache.py). The API key comes from the
+by its content, so a log of replies keyed by it is a cache (see judging/cache.py). The API key comes from the
 environment and is never returned, logged or written.
 
     endpoint = Endpoint.parse("my-model@http://localhost:8000/v1")

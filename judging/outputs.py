@@ -5,8 +5,8 @@ import csv
 import json
 from pathlib import Path
 
-from judgments import Comparison
-from sample_formats import PairSet
+from judging.judgments import Comparison
+from judging.sample_formats import PairSet
 
 VOLATILE_FIELDS = ("date",)  # fields that differ between two results lines of the same judgments
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from errors import HalosError
-from judge_protocol import DEFAULT_ASSISTANT_PREFIX, DEFAULT_HUMAN_PREFIX, PromptFormat, history_before_last_turn
+from judging.protocol import DEFAULT_ASSISTANT_PREFIX, DEFAULT_HUMAN_PREFIX, PromptFormat, history_before_last_turn
 
 SAMPLES, ALPACA_EVAL, ARENA_HARD = "eval.py samples", "AlpacaEval outputs", "Arena-Hard answers"
 # (candidate key in a one-file comparison, baseline key there, prompt key); the baseline of a two-file
