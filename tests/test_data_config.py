@@ -87,3 +87,12 @@ def test_one_file_as_both_train_and_test_split_is_refused(compose_config, jsonl,
                                "++dataset_sources.mine.splits={train: train, test: test}")
     (tmp_path / "mine-train.jsonl").write_text(jsonl.read_text())
     assert validate_train_config(per_split, "dpo") == []
+
+
+@pytest.mark.parametrize("preset, template", [("llama7b", None), ("mistral7b_instruct", None), ("tiny_chat", "tokenizer"),
+                                              ("llama3-8b-instruct", "tokenizer"), ("qwen2.5-7b-instruct", "tokenizer"),
+                                              ("gemma2-9b-it", "tokenizer")])
+def test_presets_choose_the_prompt_format(compose_config, preset, template):
+    """The original's presets keep the prefix strings; the instruct presets use their tokenizer's chat template."""
+    config = compose_config(f"model={preset}", "exp_name=t", "mode=train", "loss=sft", "datasets=[hh]")
+    assert config.model.chat_template == template
