@@ -7,41 +7,40 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import dataloader
+from data_config import data_spec, loader_options
 from checkpoints import load_weights, weights_location
 from resolve import resolve_class, resolve_path
 from distributed import rank0_print, shard_model, world_size
 from models import grow_embeddings, load_causal_lm
 from reference_cache import CachedReference, LogpStore, cache_fingerprint, cache_path
 
-DATALOADER_KWARG_KEYS = ("frac_unique_desirable", "frac_unique_undesirable")
-
 
 def build_dataloader(config: DictConfig, tokenizer, split: str, batch_size: int, n_epochs: Optional[int],
                      n_examples: Optional[int], kl_group_size: Optional[int] = None) -> dataloader.DataLoader:
-    """The loss's dataloader class (loss.dataloader) over config.datasets for one split; unpaired loaders pair KL
-    rows within groups of kl_group_size examples (default: one batch)."""
+    """The loss's dataloader class (loss.dataloader) over config.datasets for one split; prints its data report.
+    Unpaired loaders pair KL rows within groups of kl_group_size examples (default: one batch)."""
     loader_cls = resolve_class(config.loss.dataloader, "dataloader")
-    return loader_cls(
-        list(config.datasets), tokenizer, split=split, batch_size=batch_size,
-        max_length=config.model.max_length, max_prompt_length=config.model.max_prompt_length,
-        n_epochs=n_epochs, n_examples=n_examples,
-        human_prefix=config.human_prefix, human_suffix=config.human_suffix,
-        assistant_prefix=config.assistant_prefix, assistant_suffix=config.assistant_suffix,
-        seed=config.seed, local_datasets=OmegaConf.to_container(config.local_datasets),
-        chosen_control_token=config.loss.get("chosen_control_token"),
-        rejected_control_token=config.loss.get("rejected_control_token"), kl_group_size=kl_group_size,
-        **{key: config[key] for key in DATALOADER_KWARG_KEYS})
+    loader = loader_cls(data_spec(config, tokenizer, split), tokenizer, split,
+                        loader_options(config, batch_size, n_epochs, n_examples, kl_group_size))
+    rank0_print(loader.report)
+    return loader
+
+
+def build_eval_loader(config: DictConfig, tokenizer, batch_size: int) -> dataloader.DataLoader:
+    """The test split, at most one pass of it: n_eval_examples examples, or all of them when it is null or larger
+    (a warning then says so; examples are never repeated)."""
+    loader = build_dataloader(config, tokenizer, "test", batch_size, 1, config.n_eval_examples)
+    if config.n_eval_examples is not None and config.n_eval_examples > loader.examples_per_epoch:
+        rank0_print(f"warning: n_eval_examples={config.n_eval_examples} exceeds the {loader.examples_per_epoch} "
+                    f"examples of one pass over the test split ({loader.name}); evaluating on those, once each")
+    return loader
 
 
 def build_train_and_eval_loaders(config: DictConfig, tokenizer) -> Tuple[dataloader.DataLoader, dataloader.DataLoader]:
     # KL rows pair examples of the same optimizer step, however it is split into accumulation micro-batches.
     train = build_dataloader(config, tokenizer, "train", config.model.batch_size, config.n_epochs, config.n_examples,
                              config.model.batch_size * config.model.gradient_accumulation_steps)
-    # n_eval_examples=null means one full pass over the test split.
-    eval_epochs = 1 if config.n_eval_examples is None else None
-    evaluation = build_dataloader(config, tokenizer, "test", config.model.eval_batch_size, eval_epochs,
-                                  config.n_eval_examples)
-    return train, evaluation
+    return train, build_eval_loader(config, tokenizer, config.model.eval_batch_size)
 
 
 def build_models(config: DictConfig, device: torch.device, vocab_size: int,

@@ -40,6 +40,7 @@ CHECKPOINT_SIZE_FACTOR = 3
 # Settings that fix which batch comes next or what the saved optimizer state means: a resumed run must keep them.
 RESUME_INVARIANT_KEYS = ("seed", "datasets", "model.name_or_path", "model.batch_size", "loss.name", "loss.dataloader",
                          "optimizer", "frac_unique_desirable", "frac_unique_undesirable")
+RESUME_INVARIANT_PREFIXES = ("datasets.", "dataset_weights.", "dataset_max_examples.")  # they fix the data's order
 # Settings that name the run rather than shape its training: changing them on resume is not worth a warning.
 RUN_IDENTITY_KEYS = ("exp_name", "cache_dir", "local_run_dir", "resume_from", "saved_policy")
 
@@ -273,7 +274,7 @@ def checked_state(state: Dict[str, Any], config: DictConfig, directory: Path) ->
     saved, current = _flatten(state["config"]), _flatten(OmegaConf.to_container(config, resolve=True))
     changed = sorted(k for k in saved.keys() | current.keys()
                      if saved.get(k) != current.get(k) and k.split(".")[0] not in RUN_IDENTITY_KEYS)
-    fixed = [k for k in changed if k in RESUME_INVARIANT_KEYS or k.startswith("datasets.")]
+    fixed = [k for k in changed if k in RESUME_INVARIANT_KEYS or k.startswith(RESUME_INVARIANT_PREFIXES)]
     if fixed:
         raise CheckpointError(f"resume_from: {directory} was trained with other values of "
                               f"{', '.join(f'{k} ({saved.get(k)!r}, now {current.get(k)!r})' for k in fixed)}; "

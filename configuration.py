@@ -10,8 +10,9 @@ from typing import Iterable, List, Optional, Sequence, Set
 
 import torch
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+import data_config
 import dataloader
 import trainers
 from errors import ConfigError
@@ -73,15 +74,6 @@ def _check_schema(config: DictConfig, loss_choice: str, search_dirs: Sequence[st
     return problems
 
 
-def _unknown_datasets(names: List[str], local_datasets: DictConfig, module) -> List[str]:
-    """Each name needs a get_<name> function in dataloader.py or a local_datasets.<name> path."""
-    builtin = sorted(attr[len("get_"):] for attr in dir(module)
-                     if attr.startswith("get_") and attr != "get_local" and callable(getattr(module, attr)))
-    return [f"datasets: unknown dataset '{name}' (available: {', '.join(builtin)}; or set local_datasets.{name} "
-            f"to a JSON/JSONL file)" for name in names
-            if name not in builtin and local_datasets.get(name) is None]
-
-
 def _check_classes(config: DictConfig) -> List[str]:
     problems = []
     for key, module, base in (("trainer", "trainers", trainers.BasicTrainer),
@@ -97,16 +89,7 @@ def _check_classes(config: DictConfig) -> List[str]:
             problems.append(f"loss.{key}: {cls.__name__} is not a subclass of {base.__name__}")
         elif key == "trainer":
             problems += cls.config_problems(config)
-    datasets = None if OmegaConf.is_missing(config, "datasets") else config.datasets
-    if datasets is None:
-        pass  # reported by the schema check
-    elif not isinstance(datasets, ListConfig) or not datasets:
-        problems.append(f"datasets: expected a non-empty list like [hh,shp], got {datasets!r}")
-    else:
-        problems += _unknown_datasets(list(datasets), config.local_datasets, dataloader)
-    for name, path in config.local_datasets.items():
-        if path is not None and not Path(str(path).replace("{split}", "train")).exists():
-            problems.append(f"local_datasets.{name}: {path} does not exist")
+    problems += data_config.config_problems(config)
     return problems
 
 

@@ -22,7 +22,7 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
-from builders import build_dataloader, build_models
+from builders import build_dataloader, build_eval_loader, build_models
 from checkpoints import POLICY, load_weights
 from configuration import CONFIG_DIR, CONFIG_GROUPS, is_positive_int, unknown_keys, yaml_keys
 from dataloader import DataLoader
@@ -247,9 +247,7 @@ def run_alpacaeval(config: DictConfig, tokenizer, policy: torch.nn.Module) -> Pa
 def run_eval(config: DictConfig, tokenizer) -> Path:
     """The loss's eval metrics of the policy (reference model built as in training), written to JSON."""
     device = eval_device()
-    eval_epochs = 1 if config.n_eval_examples is None else None  # null: one full pass over the test split
-    loader = build_dataloader(config, tokenizer, "test", config.model.eval_batch_size, eval_epochs,
-                              config.n_eval_examples)
+    loader = build_eval_loader(config, tokenizer, config.model.eval_batch_size)
     trainer_cls = resolve_class(config.loss.trainer, "trainers")
     policy, reference = build_models(config, device, len(tokenizer))
     # saved_policy holds the causal LM's weights; the trainer's wrapper (PPO's value head) goes around it after.

@@ -15,7 +15,8 @@ only (about 1e-7 relative).
 
 The file is named by a fingerprint of everything else that determines the values: a hash of the reference weights
 (after `load_from` and any embedding growth), the attention implementation, packing, FSDP mixed precision, and, to
-keep one file per dataset setup, the datasets, tokenizer, length limits and dataloader.
+keep one file per dataset setup, the datasets, tokenizer, prompt format (prefix strings or chat template), length
+limits and dataloader.
 """
 import hashlib
 import json
@@ -29,6 +30,7 @@ from omegaconf import DictConfig
 
 import distributed
 from errors import HalosError
+from prompt_format import config_fingerprint
 from utils import IGNORE_INDEX
 
 CACHE_FORMAT_VERSION = 1
@@ -66,6 +68,7 @@ def cache_fingerprint(config: DictConfig, reference_model: torch.nn.Module) -> D
         "max_length": model.max_length,
         "max_prompt_length": model.max_prompt_length,
         "dataloader": config.loss.dataloader,
+        "prompt_format": config_fingerprint(config),
     }
 
 

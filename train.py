@@ -58,16 +58,17 @@ def train(config: DictConfig, loss_choice: str, search_dirs: Sequence[str] = ())
         distributed.rank0_print(f"{resume.directory} holds this run's final checkpoint "
                                 f"({resume.state['example_counter']} examples): nothing to resume")
         return resume.directory
+    # The data is read, formatted, tokenised and checked before anything is written to the run directory, so a bad
+    # row or chat template stops the run without leaving a config.yaml behind.
+    tokenizer = load_tokenizer(config.model, control_tokens(config.loss))
+    train_loader, eval_loader = build_train_and_eval_loaders(config, tokenizer)
     if distributed.is_main_process():
         OmegaConf.save(config, run_dir / "config.yaml")
         print(OmegaConf.to_yaml(config))
+        tokenizer.save_pretrained(run_dir)  # eval.py reads it (with csft's control tokens) from the run directory
     transformers.set_seed(config.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
 
-    tokenizer = load_tokenizer(config.model, control_tokens(config.loss))
-    if distributed.is_main_process():
-        tokenizer.save_pretrained(run_dir)  # eval.py reads it (with csft's control tokens) from the run directory
-    train_loader, eval_loader = build_train_and_eval_loaders(config, tokenizer)
     device = distributed.device()
     trainer_cls = resolve_class(config.loss.trainer, "trainers")
     policy, reference = build_models(config, device, len(tokenizer), trainer_cls.wrap_policy)

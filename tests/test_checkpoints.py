@@ -22,7 +22,7 @@ import trainers
 from builders import build_models
 from checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from configuration import ConfigError, validate_train_config
-from dataloader import SFTDataLoader
+from dataloader import DataSpec, LoaderOptions, SFTDataLoader
 from models import load_causal_lm
 import train as train_module
 from train import prepare_run, train
@@ -338,13 +338,12 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
 
 
 def test_iter_from_skips_batches_without_tokenising_them(tiny_tokenizer, monkeypatch):
-    loader = SFTDataLoader(["hh"], tiny_tokenizer, batch_size=4, n_examples=48, max_length=64, max_prompt_length=32,
-                           seed=1, local_datasets={"hh": str(REPO_ROOT / "data" / "hh-rlhf")})
+    loader = SFTDataLoader(DataSpec(["hh"], local_paths={"hh": str(REPO_ROOT / "data" / "hh-rlhf")}), tiny_tokenizer,
+                           options=LoaderOptions(batch_size=4, n_examples=48, max_length=64, max_prompt_length=32, seed=1))
     full = list(loader)
     tokenised = []
-    real = SFTDataLoader.tokenize_batch
-    monkeypatch.setattr(SFTDataLoader, "tokenize_batch",
-                        lambda self, items, tally: tokenised.append(1) or real(self, items, tally))
+    real = SFTDataLoader.batch_elements
+    monkeypatch.setattr(SFTDataLoader, "batch_elements", lambda self, items: tokenised.append(1) or real(self, items))
     resumed = list(loader.iter_from(9))
     assert len(tokenised) == len(resumed) == 3
     assert all(torch.equal(a["target_input_ids"], b["target_input_ids"]) for a, b in zip(full[9:], resumed))

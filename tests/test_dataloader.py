@@ -1,12 +1,15 @@
-"""Tests for dataloader.py: tokenisation, truncation, collate, and every DataLoader's batches.
+"""Tests for dataloader.py and tokenization.py: tokenisation, truncation, collate, every DataLoader's batches,
+mixing by ratio, and the data report.
 
-Toy datasets are registered as `get_<name>` functions in the dataloader module, exactly as a user would
-add one. Expected token ids are built by encoding the pieces separately with the shipped tiny tokenizer
-(BOS id 0 prepended, EOS id 1, pad = EOS).
+Toy datasets are registered as `get_<name>` functions in the dataloader module, exactly as a user would add one
+(the original's five-argument contract, or `get_<name>(split)` returning conversational Examples). Expected token
+ids are built by encoding the pieces separately with the shipped tiny tokenizer (BOS id 0 prepended, EOS id 1,
+pad = EOS).
 """
 
 import copy
-import logging
+import hashlib
+import json
 import pickle
 import random
 from collections import Counter
@@ -18,12 +21,16 @@ from transformers import AutoTokenizer
 
 import dataloader
 from dataloader import (CHOSEN_KEYS, KL_KEYS, PROMPT_KEYS, REJECTED_KEYS, TARGET_KEYS, ConditionalSFTDataLoader,
-                        DataError, Dataset, Example, PairedPreferenceDataLoader, PrefUnaryDataLoader,
-                        ScoreUnaryDataLoader, SFTDataLoader, SimpleKTODataLoader, UnpairedPreferenceDataLoader)
+                        DataError, Dataset, DataSpec, Example, LoaderOptions, PairedPreferenceDataLoader,
+                        PrefUnaryDataLoader, ScoreUnaryDataLoader, SFTDataLoader, SimpleKTODataLoader,
+                        UnpairedPreferenceDataLoader)
+from prompt_format import PrefixFormat
+from tokenization import Encoder, collate, truncate_prompt
 
 REPO = Path(__file__).resolve().parent.parent
 BOS, EOS = 0, 1
 IGNORE = -100
+BUNDLED_HH = DataSpec(["hh"], local_paths={"hh": str(REPO / "data" / "hh-rlhf")})
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +60,29 @@ def binary_example(k, desirable, name="toy"):
 
 
 def register(monkeypatch, name, examples):
-    """Adds get_<name> to the dataloader module, as a user adding a dataset would."""
+    """Adds get_<name> to the dataloader module, as a user adding a dataset would (the original's contract)."""
     def get_dataset(split, human_prefix, human_suffix, assistant_prefix, assistant_suffix):
         dataset = Dataset(name)
-        for example in examples:
+        for example in copy.deepcopy(examples):
             dataset.data[example.prompt] = example
         return dataset
     monkeypatch.setattr(dataloader, f"get_{name}", get_dataset, raising=False)
 
 
-def make_loader(cls, tokenizer, names=("toy",), **overrides):
-    kwargs = dict(batch_size=2, n_epochs=1, max_length=64, max_prompt_length=32)
-    kwargs.update(overrides)
-    return cls(list(names), tokenizer, **kwargs)
+def make_loader(cls, tokenizer, names=("toy",), spec=None, **overrides):
+    options = dict(batch_size=2, n_epochs=1, max_length=64, max_prompt_length=32)
+    options.update(overrides)
+    return cls(spec or DataSpec(list(names)), tokenizer, "train", LoaderOptions(**options))
+
+
+def element(tokenizer, prompt, responses, mode="keep_end", max_length=64, max_prompt_length=32, name="toy"):
+    """The element of a formatted prompt and its responses ({prefix: text}), as a loader builds it."""
+    encoder = Encoder(tokenizer, PrefixFormat(), max_length, max_prompt_length)
+    example = Example(prompt=prompt, generations=list(responses.values()), dataset_name=name)
+    encoded = encoder.encode([example], lambda e: range(e.num_generations()))[0]
+    return encoder.element(encoded.prompt_ids.tolist(), None,
+                           {prefix: encoded.responses[i].tolist() for i, prefix in enumerate(responses)}, mode,
+                           example.describe)
 
 
 def unpadded(row_ids, row_mask):
@@ -80,23 +97,23 @@ def test_tokenize_concatenates_prompt_and_response_ids(tokenizer):
     prompt_ids = [BOS] + raw_ids(tokenizer, prompt)
     response_ids = raw_ids(tokenizer, generation) + [EOS]
 
-    element = dataloader.tokenize_batch_element(prompt, generation, "keep_end", tokenizer, 64, 32)
+    element_ = element(tokenizer, prompt, {"target": generation})
 
-    assert element["prompt_input_ids"] == prompt_ids
-    assert element["target_input_ids"] == response_ids
-    assert element["target_combined_input_ids"] == prompt_ids + response_ids
-    assert element["target_labels"] == [IGNORE] * len(prompt_ids) + response_ids
-    assert element["target_combined_attention_mask"] == [1] * (len(prompt_ids) + len(response_ids))
-    assert (element["prompt_text"], element["target_text"]) == (prompt, generation)  # no ' ' + EOS tail (F-10)
-    assert element["target_combined_text"] == prompt + generation
-    assert not element["prompt_truncated"] and not element["target_truncated"]
+    assert element_["prompt_input_ids"] == prompt_ids
+    assert element_["target_input_ids"] == response_ids
+    assert element_["target_combined_input_ids"] == prompt_ids + response_ids
+    assert element_["target_labels"] == [IGNORE] * len(prompt_ids) + response_ids
+    assert element_["target_combined_attention_mask"] == [1] * (len(prompt_ids) + len(response_ids))
+    assert (element_["prompt_text"], element_["target_text"]) == (prompt, generation)  # no ' ' + EOS tail (F-10)
+    assert element_["target_combined_text"] == prompt + generation
+    assert not element_["prompt_truncated"] and not element_["target_truncated"]
 
 
 def test_long_prompt_is_kept_when_everything_fits(tokenizer):
     prompt = "one two three four five six seven eight nine ten"
-    element = dataloader.tokenize_batch_element(prompt, "ok", "keep_end", tokenizer, 64, 4)
-    assert element["prompt_input_ids"] == [BOS] + raw_ids(tokenizer, prompt)
-    assert not element["prompt_truncated"]
+    built = element(tokenizer, prompt, {"target": "ok"}, max_prompt_length=4)
+    assert built["prompt_input_ids"] == [BOS] + raw_ids(tokenizer, prompt)
+    assert not built["prompt_truncated"]
 
 
 @pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
@@ -107,20 +124,21 @@ def test_prompt_truncation_modes(tokenizer, mode):
     max_prompt_length = 5
     assert len(full) > max_prompt_length
 
-    element = dataloader.tokenize_batch_element(prompt, "fine", mode, tokenizer, len(full), max_prompt_length)
+    built = element(tokenizer, prompt, {"target": "fine"}, mode, len(full), max_prompt_length)
 
     # keep_end spends one of the 5 slots on BOS and keeps the last 4 prompt tokens
     expected = full[:5] if mode == "keep_start" else [BOS] + full[-4:]
-    assert element["prompt_input_ids"] == expected
-    assert element["target_combined_input_ids"] == expected + response
-    assert element["target_labels"] == [IGNORE] * 5 + response
-    assert element["prompt_truncated"] and not element["target_truncated"]
+    assert built["prompt_input_ids"] == expected
+    assert built["target_combined_input_ids"] == expected + response
+    assert built["target_labels"] == [IGNORE] * 5 + response
+    assert built["prompt_truncated"] and not built["target_truncated"]
 
 
 def test_truncate_prompt_keep_end_without_bos():
-    assert dataloader.truncate_prompt([5, 6, 7, 8], "keep_end", 2, bos_token_id=None) == [7, 8]
-    assert dataloader.truncate_prompt([5, 6, 7, 8], "keep_end", 2, bos_token_id=5) == [5, 8]
-    assert dataloader.truncate_prompt([5, 6, 7, 8], "keep_end", 1, bos_token_id=5) == [5]
+    assert truncate_prompt([5, 6, 7, 8], "keep_end", 2, bos_token_id=None) == [7, 8]
+    assert truncate_prompt([5, 6, 7, 8], "keep_end", 2, bos_token_id=5) == [5, 8]
+    assert truncate_prompt([5, 6, 7, 8], "keep_end", 1, bos_token_id=5) == [5]
+    assert truncate_prompt([5, 6, 7, 8], "keep_start", 3, bos_token_id=5) == [5, 6, 7]
 
 
 def test_truncated_response_loses_eos(tokenizer):
@@ -128,43 +146,45 @@ def test_truncated_response_loses_eos(tokenizer):
     prompt_ids = [BOS] + raw_ids(tokenizer, prompt)
     kept = raw_ids(tokenizer, generation)[:4]
 
-    element = dataloader.tokenize_batch_element(prompt, generation, "keep_end", tokenizer,
-                                                len(prompt_ids) + 4, len(prompt_ids))
+    built = element(tokenizer, prompt, {"target": generation}, "keep_end", len(prompt_ids) + 4, len(prompt_ids))
 
-    assert element["target_combined_input_ids"] == prompt_ids + kept  # exactly max_length, no EOS
-    assert element["target_labels"] == [IGNORE] * len(prompt_ids) + kept
-    assert element["target_text"] == tokenizer.decode(kept)
-    assert element["target_truncated"] and not element["prompt_truncated"]
+    assert built["target_combined_input_ids"] == prompt_ids + kept  # exactly max_length, no EOS
+    assert built["target_labels"] == [IGNORE] * len(prompt_ids) + kept
+    assert built["target_text"] == tokenizer.decode(kept)
+    assert built["target_truncated"] and not built["prompt_truncated"]
 
 
 def test_prompt_without_room_for_a_response_is_an_error(tokenizer):
     prompt = "one two three four five six seven eight nine ten"
     with pytest.raises(DataError, match=r"dataset 'toy'.*'one two three.*max_length=4"):
-        dataloader.tokenize_batch_element(prompt, "x", "keep_start", tokenizer, 4, 6, dataset_name="toy")
+        element(tokenizer, prompt, {"target": "x"}, "keep_start", 4, 6)
 
 
 def test_unknown_truncation_mode_is_an_error(tokenizer):
     with pytest.raises(DataError, match="truncation_mode.*'keep_middle'"):
-        dataloader.tokenize_batch_element("p", "g", "keep_middle", tokenizer, 64, 32, dataset_name="toy")
+        element(tokenizer, "p", {"target": "g"}, "keep_middle")
 
 
 def test_trailing_eos_of_prompt_is_dropped():
     class EosAppendingTokenizer:
-        eos_token_id = 9
+        bos_token_id, eos_token_id = None, 9
 
-        def __call__(self, text):
-            return {"input_ids": [4, 5, 9]}
+        def __call__(self, texts, add_special_tokens=True, **kwargs):
+            one = [4, 5, 9] if add_special_tokens else [4, 5]
+            return {"input_ids": one if isinstance(texts, str) else [one] * len(texts)}
 
-    assert dataloader.encode_prompt("anything", EosAppendingTokenizer()) == [4, 5]
+    example = Example(prompt="anything", generations=["g"])
+    encoded = Encoder(EosAppendingTokenizer(), PrefixFormat(), 64, 32).encode([example], lambda e: [0])[0]
+    assert encoded.prompt_ids.tolist() == [4, 5] and encoded.responses[0].tolist() == [4, 5, 9]
 
 
 def test_responses_of_one_element_share_the_truncated_prompt(tokenizer):
     prompt = "one two three four five six seven eight nine ten"
     full = [BOS] + raw_ids(tokenizer, prompt)
-    element = dataloader.tokenize_element(prompt, {"chosen": "ok", "rejected": "a much longer rejected answer"},
-                                          "keep_start", tokenizer, len(full) + 2, 6)
-    assert element["prompt_input_ids"] == full[:6]
-    assert element["chosen_combined_input_ids"][:6] == element["rejected_combined_input_ids"][:6] == full[:6]
+    built = element(tokenizer, prompt, {"chosen": "ok", "rejected": "a much longer rejected answer"}, "keep_start",
+                    len(full) + 2, 6)
+    assert built["prompt_input_ids"] == full[:6]
+    assert built["chosen_combined_input_ids"][:6] == built["rejected_combined_input_ids"][:6] == full[:6]
 
 
 # --------------------------------------------------------------------------------------------- collate
@@ -178,7 +198,7 @@ def test_collate_pads_prompts_left_and_the_rest_right():
          "target_combined_input_ids": [0, 5, 6, 8, 9], "target_labels": [IGNORE] * 4 + [9], "target_text": "b",
          "target_truncated": True},
     ]
-    out = dataloader.collate(batch, pad_token_id=3)
+    out = collate(batch, pad_token_id=3)
     assert torch.equal(out["prompt_input_ids"], torch.tensor([[3, 3, 0, 5], [0, 5, 6, 8]]))
     assert torch.equal(out["prompt_attention_mask"], torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]))
     assert torch.equal(out["target_combined_input_ids"], torch.tensor([[0, 5, 7, 3, 3], [0, 5, 6, 8, 9]]))
@@ -189,7 +209,7 @@ def test_collate_pads_prompts_left_and_the_rest_right():
 
 def test_collate_needs_a_pad_token():
     with pytest.raises(ValueError, match="pad token"):
-        dataloader.collate([{"prompt_input_ids": [1]}], pad_token_id=None)
+        collate([{"prompt_input_ids": [1]}], pad_token_id=None)
 
 
 # ------------------------------------------------------------------------------------ loaders: batches
@@ -297,7 +317,7 @@ def test_frac_unique_keeps_a_fraction_of_each_class(tokenizer, monkeypatch):
 
 
 def test_unpaired_uses_binary_feedback_flags(tokenizer, monkeypatch):
-    # get_local: once an example has binary feedback, `desirable` labels all its generations, pairs included
+    # feedback_rows: once an example has binary feedback, `desirable` labels all its generations, pairs included
     mixed = Example(prompt=prompt_of(9), generations=["pair good", "pair bad", "extra good"], pairs=[(0, 1)],
                     desirable=[True, False, True], sft_index=0, dataset_name="toy")
     register(monkeypatch, "toy", [binary_example(k, desirable=k < 3) for k in range(7)] + [mixed])
@@ -375,8 +395,8 @@ def test_score_unary_reads_score_direction_from_pairs(tokenizer, monkeypatch):
                       dataset_name="toy")
     ranks = Example(prompt=prompt_of(1), generations=["second", "first"], scores=[1, 0], pairs=[(1, 0)],
                     dataset_name="toy")
-    assert dataloader.best_and_worst(upvotes) == ("top", "low")
-    assert dataloader.best_and_worst(ranks) == ("first", "second")
+    assert dataloader.best_and_worst(upvotes) == (0, 2)
+    assert dataloader.best_and_worst(ranks) == (1, 0)
     register(monkeypatch, "toy", [upvotes, ranks])
     batch = next(iter(make_loader(ScoreUnaryDataLoader, tokenizer, batch_size=2)))
     expected = {(prompt_of(0), "chosen"): "top", (prompt_of(0), "rejected"): "low",
@@ -423,22 +443,37 @@ def test_iteration_needs_a_stopping_rule_and_known_options(tokenizer, monkeypatc
         make_loader(SFTDataLoader, tokenizer, frac_unique_desireable=0.5)
 
 
-def test_truncation_warning_is_logged_once_per_epoch(tokenizer, monkeypatch, caplog):
+def test_the_report_counts_truncation_at_start(tokenizer, monkeypatch):
     long_prompt = Example(prompt="word " * 40, generations=["answer " * 40], sft_index=0, dataset_name="toy")
     register(monkeypatch, "toy", [long_prompt, paired_example(1)])
     loader = make_loader(SFTDataLoader, tokenizer, n_epochs=2, max_length=40, max_prompt_length=16)
-    with caplog.at_level(logging.WARNING, logger="halos.data"):
-        list(loader)
-    messages = [r.getMessage() for r in caplog.records if r.name == "halos.data"]
-    assert messages == ["toy/train: truncated 1/2 prompts to max_prompt_length=16 (keep_end) "
-                        "and 1/2 responses to fit max_length=40"] * 2
+    assert loader.report.warnings == ["toy: truncated 1/2 prompts to max_prompt_length=16 and 1/2 responses to fit "
+                                      "max_length=40"]
+    table = str(loader.report).splitlines()
+    assert table[0].startswith("data toy/train: SFTDataLoader, prompts formatted with the prefix strings; "
+                               "2 items per epoch = 1 batches of 2")
+    assert table[2].split()[:6] == ["toy", "-", "0", "2", "2", "2"]  # rows read unknown: a user function
+    assert table[2].split()[-4:] == ["1", "(50.0%)", "1", "(50.0%)"]
 
 
-def test_no_warning_without_truncation(tokenizer, monkeypatch, caplog):
+def test_no_warning_without_truncation(tokenizer, monkeypatch):
     register(monkeypatch, "toy", [paired_example(k) for k in range(2)])
-    with caplog.at_level(logging.WARNING, logger="halos.data"):
-        list(make_loader(PairedPreferenceDataLoader, tokenizer))
-    assert not [r for r in caplog.records if r.name == "halos.data"]
+    assert make_loader(PairedPreferenceDataLoader, tokenizer).report.warnings == []
+
+
+def test_identical_pairs_are_counted_with_a_warning(tokenizer, monkeypatch):
+    """Issue 11.15: DPO on pairs whose chosen equals rejected trained silently with its loss stuck at ln 2."""
+    same = Example(prompt=prompt_of(9), generations=["same", "same"], pairs=[(0, 1)], sft_index=0, dataset_name="toy")
+    register(monkeypatch, "toy", [paired_example(0), same, copy.deepcopy(same)])
+    warnings = make_loader(PairedPreferenceDataLoader, tokenizer, batch_size=1).report.warnings
+    assert warnings == ["toy: 1 of 2 pairs have identical chosen and rejected responses; pairwise losses learn "
+                        "nothing from them (DPO's loss stays at ln 2)"]
+
+
+def test_dropped_rows_are_reported_with_their_reasons(tokenizer):
+    spec = DataSpec(["shp"], local_paths={"shp": str(REPO / "tests" / "fixtures" / "shp")})
+    loader = make_loader(PairedPreferenceDataLoader, tokenizer, spec=spec)
+    assert loader.report.warnings[0] == "shp: dropped 2 of 10 rows (score ratio < 2: 2)"
 
 
 # ------------------------------------------------------------------------------------- loading datasets
@@ -447,34 +482,57 @@ def test_no_warning_without_truncation(tokenizer, monkeypatch, caplog):
 def test_same_prompt_in_two_datasets_is_kept_twice(monkeypatch):
     register(monkeypatch, "toy", [paired_example(0, name="toy")])
     register(monkeypatch, "other", [paired_example(0, name="other")])
-    examples = dataloader.load_examples(["toy", "other"], "train", "", "", "", "")
-    assert [e.dataset_name for e in examples] == ["toy", "other"]
+    examples = dataloader.load_examples(DataSpec(["toy", "other"]), "train")
+    assert [(e.dataset_name, e.source) for e in examples] == [("toy", "toy"), ("other", "other")]
 
 
-def test_local_datasets_reach_get_functions_and_get_local(monkeypatch):
+def test_local_paths_reach_dataset_functions_and_named_sources(monkeypatch):
     calls = []
 
-    def get_withpath(split, hp, hs, ap, as_, local_path=None):
+    def get_withpath(split, local_path=None):
         calls.append(("withpath", local_path))
         return Dataset("withpath")
 
-    def fake_get_local(path, split, hp, hs, ap, as_, name="local"):
-        calls.append((name, path))
-        return Dataset(name)
+    def fake_load_source(spec, split):
+        calls.append((spec.name, spec.path, spec.key))
+        return Dataset(spec.name)
 
     register(monkeypatch, "toy", [])
     monkeypatch.setattr(dataloader, "get_withpath", get_withpath, raising=False)
-    monkeypatch.setattr(dataloader, "get_local", fake_get_local)
-    dataloader.load_examples(["withpath", "mine"], "train", "", "", "", "",
-                             {"withpath": "a/dir", "mine": "my.jsonl"})
-    assert calls == [("withpath", "a/dir"), ("mine", "my.jsonl")]
-    with pytest.raises(DataError, match="get_toy takes no local_path"):
-        dataloader.load_examples(["toy"], "train", "", "", "", "", {"toy": "x.json"})
+    monkeypatch.setattr(dataloader, "load_source", fake_load_source)
+    dataloader.load_examples(DataSpec(["withpath", "mine"], local_paths={"withpath": "a/dir", "mine": "my.jsonl"}),
+                             "train")
+    assert calls == [("withpath", "a/dir"), ("mine", "my.jsonl", "local_datasets.mine")]
+    with pytest.raises(DataError, match="local_datasets.toy is set, but its function takes no local_path"):
+        dataloader.load_examples(DataSpec(["toy"], local_paths={"toy": "x.json"}), "train")
+
+
+def test_a_dataset_function_named_by_dotted_path(tmp_path, monkeypatch, tokenizer):
+    """Adding a dataset needs no edit of dataloader.py: a function returning conversational Examples, anywhere."""
+    (tmp_path / "my_data.py").write_text(
+        "from data_model import Dataset, Message\n"
+        "def get_questions(split):\n"
+        "    data = Dataset('questions')\n"
+        "    for k in range(4):\n"
+        "        example = data.conversation([Message('user', f'question number {k}')])\n"
+        "        example.add_pair(f'good answer {k}', f'bad answer {k}')\n"
+        "        example.sft_index = 0\n"
+        "    return data\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    register(monkeypatch, "toy", [paired_example(k) for k in range(4)])
+    dotted = make_loader(PairedPreferenceDataLoader, tokenizer, names=["my_data.get_questions"], batch_size=4)
+    original = make_loader(PairedPreferenceDataLoader, tokenizer, batch_size=4)
+    assert sorted(prompt_order(dotted)) == sorted(prompt_order(original))  # the prefix format renders both alike
+    with pytest.raises(DataError, match="'get_answers' is not a function in my_data"):
+        make_loader(SFTDataLoader, tokenizer, names=["my_data.get_answers"])
+    with pytest.raises(DataError, match="cannot import module 'no_such_module'"):
+        make_loader(SFTDataLoader, tokenizer, names=["no_such_module.get_x"])
 
 
 def test_bundled_hh_data_gives_paired_batches(tokenizer):
-    loader = PairedPreferenceDataLoader(["hh"], tokenizer, split="test", batch_size=4, n_examples=8, max_length=128,
-                                        max_prompt_length=64, local_datasets={"hh": str(REPO / "data" / "hh-rlhf")})
+    loader = PairedPreferenceDataLoader(BUNDLED_HH, tokenizer, "test", LoaderOptions(batch_size=4, n_examples=8,
+                                                                                     max_length=128,
+                                                                                     max_prompt_length=64))
     batches = list(loader)
     assert len(batches) == 2 and loader.total_examples == 8
     for batch in batches:
@@ -486,3 +544,40 @@ def test_bundled_hh_data_gives_paired_batches(tokenizer):
             for row in range(4):
                 n_prompt = int(prompt_lengths[row])
                 assert (labels[row, :n_prompt] == IGNORE).all() and labels[row, n_prompt] != IGNORE
+
+
+# sha256 over every batch (keys sorted, tensors' bytes, other values as JSON) of these loaders on the bundled HH
+# train split (batch 8, 96 examples, max_length 256, max_prompt_length 128, seed 1), as the data layer gave them
+# before it took a prompt-format object and tokenised at start: the default path still yields the same batches.
+BATCHES_BEFORE_PROMPT_FORMAT_OBJECT = {
+    SFTDataLoader: "6c92e1b5ae03f0537e10cbb355cd926d6d69ad3e557f3f007d3eae7e4a5187cf",
+    PairedPreferenceDataLoader: "943ca19882ea9c03f47fe582d862452a93c48877527f5984634421534dd33e86",
+    UnpairedPreferenceDataLoader: "eeaeb342858276ec16046160525ea19ca9a072cd3b00c20686c95683e10833eb",
+}
+
+
+@pytest.mark.parametrize("cls", list(BATCHES_BEFORE_PROMPT_FORMAT_OBJECT), ids=lambda cls: cls.__name__)
+def test_default_batches_are_byte_identical_to_before(tokenizer, cls):
+    loader = cls(BUNDLED_HH, tokenizer, "train", LoaderOptions(batch_size=8, n_examples=96, max_length=256,
+                                                               max_prompt_length=128, seed=1))
+    digest = hashlib.sha256()
+    for batch in loader:
+        for key in sorted(batch):
+            value = batch[key]
+            digest.update(key.encode())
+            digest.update(value.numpy().tobytes() if isinstance(value, torch.Tensor) else json.dumps(value).encode())
+    assert digest.hexdigest() == BATCHES_BEFORE_PROMPT_FORMAT_OBJECT[cls]
+
+
+def test_kl_rows_pair_responses_within_their_group(tokenizer, monkeypatch):
+    """kl_group_size: batches of 2 whose KL rows come from groups of 4 are the batches of 4, split in two."""
+    register(monkeypatch, "toy", [paired_example(k) for k in range(8)])
+
+    def kl_rows(batch_size, group):
+        loader = make_loader(UnpairedPreferenceDataLoader, tokenizer, batch_size=batch_size, kl_group_size=group)
+        return [unpadded(ids, mask) for batch in loader
+                for ids, mask in zip(batch["KL_combined_input_ids"], batch["KL_combined_attention_mask"])]
+
+    assert kl_rows(2, 4) == kl_rows(4, None) != kl_rows(2, None)
+    with pytest.raises(ValueError, match="kl_group_size=6 must be a multiple of batch_size=4"):
+        make_loader(UnpairedPreferenceDataLoader, tokenizer, batch_size=4, kl_group_size=6)

@@ -16,7 +16,7 @@ import compare
 import eval as eval_py
 import sampling
 from checkpoints import load_checkpoint, load_weights
-from dataloader import SFTDataLoader
+from dataloader import DataSpec, LoaderOptions, SFTDataLoader
 from judge_server import JudgeServer
 from models import load_causal_lm
 from train import train
@@ -80,10 +80,10 @@ def test_sample_file_has_the_test_prompts_their_targets_and_nothing_else(run_dir
 
     # The same prompts, in the same order, as the SFT loader gives for the test split with the run's seed.
     config = content["config"]
-    loader = SFTDataLoader(["hh"], tiny_tokenizer, split="test", batch_size=N_SAMPLES, n_epochs=1, seed=config["seed"],
-                           max_length=config["model"]["max_length"],
-                           max_prompt_length=config["model"]["max_prompt_length"],
-                           local_datasets=config["local_datasets"])
+    loader = SFTDataLoader(DataSpec(["hh"], local_paths=config["local_datasets"]), tiny_tokenizer, "test",
+                           LoaderOptions(batch_size=N_SAMPLES, n_epochs=1, seed=config["seed"],
+                                         max_length=config["model"]["max_length"],
+                                         max_prompt_length=config["model"]["max_prompt_length"]))
     first_batch = next(iter(loader))
     assert [s["prompt"] for s in samples] == first_batch["prompt_text"]
     assert [s["chosen"] for s in samples] == first_batch["target_text"]

@@ -17,7 +17,7 @@ import checkpoints
 import losses
 import trainers
 from configuration import CONFIG_DIR, ConfigError, validate_train_config
-from dataloader import KL_KEYS, UnpairedPreferenceDataLoader
+from dataloader import KL_KEYS, DataSpec, LoaderOptions, UnpairedPreferenceDataLoader
 from loss_state import RunningRewardMean
 from resolve import resolve_class
 from test_performance import bare_trainer, right_padded_batch
@@ -224,20 +224,22 @@ def test_bco_resumes_bitwise_with_its_running_mean(loss, compose_config, tmp_pat
 def test_kl_rows_pair_responses_within_the_optimizer_step_not_the_micro_batch(compose_config, tiny_tokenizer):
     """Batches of 2 with KL groups of 4 (2 micro-batches per step) carry the KL rows of batches of 4."""
     config = compose_config("loss=kto", "exp_name=x", *TINY)
-    kwargs = dict(split="train", n_examples=16, max_length=64, max_prompt_length=32,
-                  local_datasets=dict(config.local_datasets))
+    spec = DataSpec(["hh"], local_paths=dict(config.local_datasets))
+
+    def loader(batch_size, group):
+        options = LoaderOptions(batch_size=batch_size, kl_group_size=group, n_examples=16, max_length=64,
+                                max_prompt_length=32)
+        return UnpairedPreferenceDataLoader(spec, tiny_tokenizer, "train", options)
 
     def kl_rows(batch_size, group):
-        loader = UnpairedPreferenceDataLoader(["hh"], tiny_tokenizer, batch_size=batch_size, kl_group_size=group,
-                                              **kwargs)
         return [row[row != tiny_tokenizer.pad_token_id].tolist()
-                for batch in loader for row in batch[KL_KEYS.combined_input_ids]]
+                for batch in loader(batch_size, group) for row in batch[KL_KEYS.combined_input_ids]]
 
     whole = kl_rows(4, 4)
     assert kl_rows(2, 4) == whole
     assert kl_rows(2, 2) != whole, "pairing within micro-batches of 2 would give other rows"
     with pytest.raises(ValueError, match="kl_group_size=6 must be a multiple of batch_size=4"):
-        UnpairedPreferenceDataLoader(["hh"], tiny_tokenizer, batch_size=4, kl_group_size=6, **kwargs)
+        loader(4, 6)
 
 
 def test_kto_reads_one_reference_point_per_optimizer_step(compose_config, tmp_path, monkeypatch):

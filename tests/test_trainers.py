@@ -13,7 +13,7 @@ import torch
 
 from checkpoints import load_checkpoint, load_weights
 from configuration import ConfigError
-from dataloader import CHOSEN_KEYS, REJECTED_KEYS, PairedPreferenceDataLoader
+from dataloader import CHOSEN_KEYS, REJECTED_KEYS, DataSpec, LoaderOptions, PairedPreferenceDataLoader
 from models import load_causal_lm, load_tokenizer
 from train import train
 from trainers import TrainingError, concatenate_rows
@@ -139,10 +139,10 @@ def write_synthetic_preferences(directory: Path, n_train: int = 64, n_test: int 
 def held_out_preferences(config, policy_path: Path, reference_path: Path):
     """Reward accuracy and mean (chosen - rejected) log-prob of policy and reference on the test pairs."""
     tokenizer = load_tokenizer(config.model)
-    loader = PairedPreferenceDataLoader(["synth"], tokenizer, split="test", batch_size=8, n_epochs=1,
-                                        max_length=config.model.max_length,
-                                        max_prompt_length=config.model.max_prompt_length,
-                                        local_datasets={"synth": config.local_datasets.synth})
+    loader = PairedPreferenceDataLoader(DataSpec(["synth"], local_paths={"synth": config.local_datasets.synth}),
+                                        tokenizer, "test", LoaderOptions(batch_size=8, n_epochs=1,
+                                                                         max_length=config.model.max_length,
+                                                                         max_prompt_length=config.model.max_prompt_length))
     logps = {}
     for name, path in (("policy", policy_path), ("reference", reference_path)):
         model = load_causal_lm(config.model, "float32", config.seed)
