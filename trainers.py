@@ -1,5 +1,6 @@
-"""Trainers: `BasicTrainer` owns the loop (evaluation, accumulation, clipping, logging, checkpoints); subclasses
-implement `get_batch_metrics` and, through it, their forward pass and loss.
+"""Trainers: `BasicTrainer` owns the loop (evaluation, accumulation, clipping, logging, when to checkpoint);
+subclasses implement `get_batch_metrics` and, through it, their forward pass and loss. Writing and restoring
+checkpoints is the Checkpointer's job (checkpointer.py): the trainer hands it `training_state()`.
 
 Add a loss by subclassing a trainer, overriding `loss` (a thin call into `losses.py`), and naming the class in a
 `config/loss/NAME.yaml` (see README: "Adding a loss").
@@ -12,21 +13,22 @@ from pathlib import Path
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 import checkpoints
 import dataloader
 import distributed
 import losses
-from checkpoints import LATEST, OPTIMIZER, POLICY, SCHEDULER, TRAINER_STATE, V_HEAD, load_checkpoint, save_checkpoint
+from checkpointer import Checkpointer, TrainingState
+from checkpoints import POLICY, V_HEAD
+from console import format_metrics
 from dataloader import CHOSEN_KEYS, KL_KEYS, REJECTED_KEYS, STATUS_KEY, TARGET_KEYS
 from errors import ConfigError, HalosError
 from models import CausalLMWithValueHead
 from reference_cache import CachedReference
 from resolve import resolve_class
-from utils import (IGNORE_INDEX, formatted_dict, get_token_logps, next_token_labels, pack_rows,
-                   pad_to_length, summed_label_logps)
+from utils import IGNORE_INDEX, get_token_logps, next_token_labels, pack_rows, pad_to_length, summed_label_logps
 
 Metrics = Dict[str, torch.Tensor]
 
@@ -77,7 +79,8 @@ class BasicTrainer:
 
     def __init__(self, tokenizer, config: DictConfig, train_iterator, eval_iterator, policy: torch.nn.Module,
                  reference_model: Optional[torch.nn.Module] = None, rank: int = 0, world_size: int = 1,
-                 device: Optional[torch.device] = None, log_to_wandb: bool = False):
+                 device: Optional[torch.device] = None, log_to_wandb: bool = False,
+                 checkpointer: Optional[Checkpointer] = None):
         self.tokenizer = tokenizer
         self.config = config
         self.train_iterator = train_iterator
@@ -88,9 +91,12 @@ class BasicTrainer:
         self.log_to_wandb = log_to_wandb
         self.run_dir = Path(config.local_run_dir)
         self.is_main = rank == 0
+        self.checkpointer = checkpointer or Checkpointer(config, tokenizer, is_main=self.is_main)
+        self.optimizer = self.scheduler = None  # built by train()
         self.example_counter = self.batch_counter = self.update_counter = 0
         self.last_eval_metrics, self.last_eval_at = {}, None
-        self.last_save_at = 0  # example_counter of the last resumable checkpoint (or of the one resumed from)
+        self.unprinted_train_metrics: Optional[Dict[str, float]] = None  # logged, but not yet printed
+        self.last_print_time: Optional[float] = None
         # Evaluation reuses the same batches every time, so they are built once.
         self.eval_batches = list(eval_iterator) if eval_iterator is not None else []
         distributed.rank0_print(f"Loaded {len(self.eval_batches)} eval batches of size {config.model.eval_batch_size}")
@@ -165,7 +171,9 @@ class BasicTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1)))
         if resume_from is not None:
-            self.restore(resume_from)
+            self.load_training_state(self.checkpointer.restore(self.training_state(), resume_from))
+            distributed.rank0_print(f"resumed from {resume_from} after {self.example_counter} examples "
+                                    f"({self.batch_counter} batches, {self.update_counter} optimizer steps)")
         pending = 0  # micro-steps whose gradients wait for the next optimizer step
         metrics = defaultdict(list)
         last_log_time = None
@@ -177,7 +185,7 @@ class BasicTrainer:
                 if self.evaluation_due():
                     self.evaluate_and_checkpoint()
                 if pending == 0 and self.resumable_checkpoint_due():
-                    self.save_resumable()
+                    self.save_checkpoint("resumable")
                 start = time.time()
                 pending = self.train_on_batch(batch, metrics, pending)
                 batch_size = config.model.batch_size
@@ -192,6 +200,7 @@ class BasicTrainer:
                     last_log_time = time.time()
                 if pending == 0 and self.stop_requested(stop):
                     self.stop_after_signal(stop.signal_number or signal.SIGTERM)
+        self.print_train_metrics()  # the last logged metrics, if the print interval held them back
         if pending:
             distributed.rank0_print(f"warning: the data ended {pending} micro-batches into a gradient accumulation of "
                                     f"{config.model.gradient_accumulation_steps}; those gradients were not applied")
@@ -224,11 +233,12 @@ class BasicTrainer:
     def resumable_checkpoint_due(self) -> bool:
         """After an evaluation (so that LATEST carries its metrics) and checkpoint_every examples after the last
         resumable checkpoint; never with debug=true."""
-        if self.config.debug or self.example_counter == self.last_save_at:
+        saved_at = self.checkpointer.resumable_at or 0
+        if self.config.debug or self.example_counter == saved_at:
             return False
-        evaluated = self.last_eval_at is not None and self.last_eval_at > self.last_save_at
+        evaluated = self.last_eval_at is not None and self.last_eval_at > saved_at
         every = self.config.checkpoint_every
-        return evaluated or (every is not None and self.example_counter - self.last_save_at >= every)
+        return evaluated or (every is not None and self.example_counter - saved_at >= every)
 
     def stop_requested(self, stop: checkpoints.StopRequests) -> bool:
         """Whether any process received SIGTERM/SIGINT: all of them must stop after the same optimizer step."""
@@ -237,9 +247,9 @@ class BasicTrainer:
     def stop_after_signal(self, signal_number: int) -> None:
         distributed.rank0_print(f"received {signal.Signals(signal_number).name}: writing a resumable checkpoint after "
                                 f"{self.example_counter} examples (send it again to stop at once)")
-        self.save_resumable()
+        self.save_checkpoint("resumable")
         raise TrainingInterrupted(f"stopped by {signal.Signals(signal_number).name} after {self.example_counter} "
-                                  f"examples; {self.run_dir / LATEST} holds a resumable checkpoint: run the same "
+                                  f"examples; {self.checkpointer.latest} holds a resumable checkpoint: run the same "
                                   "command with ++resume_from=auto to continue", signal_number)
 
     def optimizer_step(self) -> float:
@@ -257,10 +267,9 @@ class BasicTrainer:
     def check_finite(self, loss: torch.Tensor) -> None:
         """Stops on a NaN/inf loss before it reaches the weights; the last resumable checkpoint stays as it was."""
         if not torch.isfinite(loss).all():
-            saved = f"{self.run_dir / LATEST} (after {self.last_save_at} examples) is the last good checkpoint" \
-                if self.last_save_at else "no resumable checkpoint was written yet"
             raise TrainingError(f"the training loss became {loss.item()} at example {self.example_counter} "
-                                f"(batch {self.batch_counter}); {saved}. Lower lr or check the data")
+                                f"(batch {self.batch_counter}); lower lr or check the data. "
+                                f"{self.checkpointer.last_good()}")
 
     def record(self, store: Dict[str, list], batch_metrics: Metrics) -> None:
         """Appends every rank's values of each metric to `store` (floats)."""
@@ -268,13 +277,23 @@ class BasicTrainer:
             store[key].extend(distributed.all_gather_if_needed(value.detach()).float().reshape(-1).cpu().tolist())
 
     def log_train_metrics(self, metrics: Dict[str, list], progress: tqdm) -> None:
+        """Means of the metrics since the last log: to wandb and the progress bar every time, printed as a line at
+        most every print_interval_secs (a log file gets a readable history, not one line a second)."""
         means = {k: sum(v) / len(v) for k, v in metrics.items() if v}
         means["counters/examples"] = self.example_counter
         means["counters/updates"] = self.update_counter
         if self.is_main:
-            progress.set_postfix({k: means[k] for k in ("loss/train", "grad_norm") if k in means})
-            progress.write(f"train stats after {self.example_counter} examples: {formatted_dict(means)}")
+            progress.set_postfix({k: f"{means[k]:.4g}" for k in ("loss/train", "grad_norm") if k in means})
         self.wandb_log(means)
+        self.unprinted_train_metrics = means
+        if self.last_print_time is None or time.time() - self.last_print_time >= self.config.print_interval_secs:
+            self.print_train_metrics()
+
+    def print_train_metrics(self) -> None:
+        if self.unprinted_train_metrics is not None:
+            distributed.rank0_print(f"train after {self.example_counter} examples: "
+                                    f"{format_metrics(self.unprinted_train_metrics)}")
+            self.unprinted_train_metrics, self.last_print_time = None, time.time()
 
     def evaluate(self) -> Dict[str, float]:
         """Mean of every metric over all eval batches (gathered over ranks)."""
@@ -291,14 +310,13 @@ class BasicTrainer:
         """Evaluates, logs, and (after the first example, if configured) saves a step-<examples> checkpoint."""
         if self.eval_batches:
             self.last_eval_metrics = self.evaluate()
-            distributed.rank0_print(f"eval after {self.example_counter} examples: {formatted_dict(self.last_eval_metrics)}")
+            distributed.rank0_print(f"eval after {self.example_counter} examples: "
+                                    f"{format_metrics(self.last_eval_metrics)}")
             self.wandb_log(self.last_eval_metrics)
         self.last_eval_at = self.example_counter
         if save_intermediate and self.example_counter > 0 and self.config.intermediate_checkpoints \
                 and not self.config.debug:
-            self.save(self.run_dir / f"step-{self.example_counter}", self.last_eval_metrics)
-            if self.is_main:
-                checkpoints.prune_step_dirs(self.run_dir, self.config.keep_last_checkpoints)
+            self.save_checkpoint("intermediate")
 
     def wandb_log(self, values: Dict[str, float]) -> None:
         if self.log_to_wandb and self.is_main:
@@ -306,63 +324,31 @@ class BasicTrainer:
 
             wandb.log(values, step=self.example_counter)
 
-    # --- checkpoints -----------------------------------------------------------------------------------------
+    # --- state ---------------------------------------------------------------------------------------------
 
     def checkpoint_modules(self) -> Dict[str, torch.nn.Module]:
         """Each weights file of a checkpoint and the module it holds; policy.pt is always the plain causal LM."""
         return {POLICY: self.policy}
 
-    def save(self, output_dir: Optional[Path] = None, metrics: Optional[Dict[str, float]] = None) -> Path:
-        """Writes a checkpoint of the weights (+ tokenizer) to `output_dir` and returns it.
+    def training_state(self) -> TrainingState:
+        """Everything a checkpoint holds of this trainer (checkpointer.TrainingState); `values` are plain values."""
+        values = {"example_counter": self.example_counter, "batch_counter": self.batch_counter,
+                  "update_counter": self.update_counter, "last_eval_at": self.last_eval_at,
+                  "last_eval_metrics": {k: float(v) for k, v in self.last_eval_metrics.items()},
+                  "wandb_run_id": self.wandb_run_id()}
+        return TrainingState(self.checkpoint_modules(), self.policy, self.optimizer, self.scheduler, values)
 
-        The default, <run_dir>/LATEST, is the finished run's: it also gets a trainer_state.pt marked finished and a
-        Hugging Face export. Other directories (step-<N>) get an export only with export_intermediate.
-        """
-        output_dir = Path(output_dir or self.run_dir / LATEST)
-        kind = "final" if output_dir == self.run_dir / LATEST else "intermediate"
-        self.write_checkpoint(output_dir, metrics if metrics is not None else self.last_eval_metrics, kind)
-        return output_dir
+    def load_training_state(self, values: Dict) -> None:
+        """Takes back the `values` of training_state() that a checkpoint saved (the modules, optimizer and scheduler
+        are restored in place by the Checkpointer)."""
+        self.example_counter, self.batch_counter = values["example_counter"], values["batch_counter"]
+        self.update_counter = values["update_counter"]
+        self.last_eval_at, self.last_eval_metrics = values["last_eval_at"], values["last_eval_metrics"]
 
-    def save_resumable(self) -> None:
-        """Writes <run_dir>/LATEST with everything `restore` needs to continue from this optimizer-step boundary."""
-        self.write_checkpoint(self.run_dir / LATEST, self.last_eval_metrics, "resumable")
-        self.last_save_at = self.example_counter
-
-    def write_checkpoint(self, output_dir: Path, metrics: Dict[str, float], kind: str) -> None:
-        """Writes a checkpoint directory atomically (checkpoints.write_atomically); every rank must call this.
-
-        kind: "intermediate" (weights and tokenizer), "resumable" (also optimizer.pt, scheduler.pt and
-        trainer_state.pt) or "final" (weights, trainer_state.pt marked finished, always a Hugging Face export).
-        """
-        states = {name: distributed.full_state_dict(module) for name, module in self.checkpoint_modules().items()}
-        optimizer_state = distributed.full_optimizer_state_dict(self.policy, self.optimizer) \
-            if kind == "resumable" else None
-        if self.is_main:
-            def write(directory: Path) -> None:
-                for name, state in states.items():
-                    save_checkpoint(directory / name, state, self.example_counter, metrics)
-                if optimizer_state is not None:
-                    save_checkpoint(directory / OPTIMIZER, optimizer_state, self.example_counter)
-                    save_checkpoint(directory / SCHEDULER, self.scheduler.state_dict(), self.example_counter)
-                if kind != "intermediate":
-                    save_checkpoint(directory / TRAINER_STATE, self.trainer_state(finished=kind == "final"),
-                                    self.example_counter, metrics)
-                self.tokenizer.save_pretrained(directory)
-                if kind == "final" or self.config.export_intermediate:
-                    checkpoints.export_hf(self.checkpoint_modules()[POLICY], states[POLICY], directory)
-
-            checkpoints.write_atomically(output_dir, write)
-            print(f"saved {kind} checkpoint after {self.example_counter} examples to {output_dir}")
-        distributed.barrier()
-
-    def trainer_state(self, finished: bool) -> Dict:
-        """trainer_state.pt: the data position (counters), the last evaluation, RNG states, the wandb run and the
-        config, all plain values that torch.load(weights_only=True) reads."""
-        return {"example_counter": self.example_counter, "batch_counter": self.batch_counter,
-                "update_counter": self.update_counter, "last_eval_at": self.last_eval_at,
-                "last_eval_metrics": {k: float(v) for k, v in self.last_eval_metrics.items()},
-                "rng": checkpoints.rng_states(), "wandb_run_id": self.wandb_run_id(), "finished": finished,
-                "config": OmegaConf.to_container(self.config, resolve=True)}
+    def save_checkpoint(self, kind: str) -> Path:
+        """Has the Checkpointer write a checkpoint of `kind` (intermediate, resumable, final) of the current state;
+        every process must call it. Returns the checkpoint directory."""
+        return self.checkpointer.save(self.training_state(), kind)
 
     def wandb_run_id(self) -> Optional[str]:
         if not self.log_to_wandb:
@@ -370,28 +356,6 @@ class BasicTrainer:
         import wandb
 
         return wandb.run.id if wandb.run is not None else None
-
-    def restore(self, checkpoint_dir: Path) -> None:
-        """Continues from a resumable checkpoint: weights, optimizer and scheduler state, counters, last evaluation
-        and RNG states. Under FSDP rank 0 reads the weights and optimizer state and sends each rank its shards."""
-        def main_state(name: str) -> Dict:
-            return load_checkpoint(checkpoint_dir / name)["state"] if self.is_main else {}
-
-        try:
-            for name, module in self.checkpoint_modules().items():
-                distributed.load_full_state_dict(module, main_state(name))
-            distributed.load_full_optimizer_state_dict(self.policy, self.optimizer, main_state(OPTIMIZER))
-            self.scheduler.load_state_dict(load_checkpoint(checkpoint_dir / SCHEDULER)["state"])
-        except (RuntimeError, KeyError) as e:  # torch's mismatch messages run over many lines
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise checkpoints.CheckpointError(f"{checkpoint_dir} does not fit this run: {reason}") from None
-        state = load_checkpoint(checkpoint_dir / TRAINER_STATE)["state"]
-        self.example_counter, self.batch_counter = state["example_counter"], state["batch_counter"]
-        self.update_counter, self.last_save_at = state["update_counter"], state["example_counter"]
-        self.last_eval_at, self.last_eval_metrics = state["last_eval_at"], state["last_eval_metrics"]
-        checkpoints.restore_rng_states(state["rng"])
-        distributed.rank0_print(f"resumed from {checkpoint_dir} after {self.example_counter} examples "
-                                f"({self.batch_counter} batches, {self.update_counter} optimizer steps)")
 
 
 def concatenate_rows(batch: Dict, key_groups: Tuple, pad_token_id: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -626,8 +590,10 @@ class Rollout(NamedTuple):
 
 class PPOTrainer(BasicTrainer):
     """Offline PPO: each response earns +1 (desirable) or -1 (undesirable) at its last token; the policy is updated
-    with PPO's clipped objective against the frozen reference model, a value head learns the returns, and a KL
-    penalty keeps the policy near the reference. Saves `policy.pt` (the causal LM) and `v_head.pt`."""
+    with PPO's clipped objective against the frozen reference model and a value head learns the returns. The
+    KL_coef term is KL_coef·⟨log π_ref − log π_θ⟩ over the data's response tokens, as in the original: its gradient
+    only raises log π_θ of every response, desirable or not (an NLL push); it does not keep the policy near the
+    reference. Saves the causal LM as the policy and the value head as `v_head.pt`."""
 
     requires_reference_model = True
     compatible_dataloaders = (dataloader.UnpairedPreferenceDataLoader,)

@@ -1,6 +1,6 @@
 """Small tensor and formatting helpers shared by trainers, models and scripts."""
 from pathlib import Path
-from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -216,7 +216,3 @@ def disable_dropout(model: torch.nn.Module) -> None:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0
 
-
-def formatted_dict(d: Mapping[str, float]) -> Dict[str, str]:
-    """Floats rendered with 5 significant digits, for printing metrics."""
-    return {k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in d.items()}
