@@ -290,8 +290,8 @@ class BasicTrainer:
             self.print_train_metrics()
 
     def print_train_metrics(self) -> None:
-        if self.unprinted_train_metrics is not None:
-            distributed.rank0_print(f"train after {self.example_counter} examples: "
+        if self.unprinted_train_metrics is not None:  # printed with the example count they were logged at
+            distributed.rank0_print(f"train after {self.unprinted_train_metrics['counters/examples']} examples: "
                                     f"{format_metrics(self.unprinted_train_metrics)}")
             self.unprinted_train_metrics, self.last_print_time = None, time.time()
 

@@ -321,10 +321,3 @@ def test_a_copied_run_directory_is_evaluated_from_its_own_files(run_dir, cli_sam
     with pytest.raises(HalosError, match=f"{copy / 'LATEST'}"):
         run_eval(copy, *SAMPLE, f"++samples_dir={tmp_path / 'b'}")
 
-
-def test_samples_dir_that_is_a_file_is_one_line_from_the_cli(run_dir, tmp_path):
-    (tmp_path / "taken").write_text("")
-    result = eval_cli(run_dir, tmp_path, "++mode=sample", "++samples_dir=taken")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == \
-        "error: invalid config: samples_dir: taken is a file, so taken cannot be a directory for the outputs"
