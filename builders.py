@@ -7,12 +7,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import dataloader
+import weights
+from checkpoints import TRAINER_STATE, checkpoint_info
 from data_config import data_spec, loader_options
-from checkpoints import load_weights, weights_location
-from resolve import resolve_class, resolve_path
 from distributed import rank0_print, shard_model, world_size
-from models import grow_embeddings, load_causal_lm
+from hub import endpoint_reachable
 from reference_cache import CachedReference, LogpStore, cache_fingerprint, cache_path
+from resolve import resolve_class
+
+WANDB_DEFAULT_URL = "https://api.wandb.ai"
+WANDB_PROBE_SECONDS = 5.0  # a TCP connection to the wandb server must open within this...
+WANDB_INIT_SECONDS = 30.0  # ...and wandb.init finish within this (wandb's default: 90 s of retries)
 
 
 def build_dataloader(config: DictConfig, tokenizer, split: str, batch_size: int, n_epochs: Optional[int],
@@ -22,7 +27,7 @@ def build_dataloader(config: DictConfig, tokenizer, split: str, batch_size: int,
     loader_cls = resolve_class(config.loss.dataloader, "dataloader")
     loader = loader_cls(data_spec(config, tokenizer, split), tokenizer, split,
                         loader_options(config, batch_size, n_epochs, n_examples, kl_group_size))
-    rank0_print(loader.report)
+    rank0_print(str(loader.report))
     return loader
 
 
@@ -44,33 +49,27 @@ def build_train_and_eval_loaders(config: DictConfig, tokenizer) -> Tuple[dataloa
 
 
 def build_models(config: DictConfig, device: torch.device, vocab_size: int,
-                 wrap_policy: Callable[[torch.nn.Module], torch.nn.Module] = lambda policy: policy
+                 wrap_policy: Callable[[torch.nn.Module], torch.nn.Module] = lambda policy: policy,
+                 policy_weights: Optional[weights.Weights] = None
                  ) -> Tuple[torch.nn.Module, Optional[torch.nn.Module]]:
-    """Policy and (if the loss uses one) reference model, both starting from model.load_from when it is set: a
-    policy.pt, a directory holding one, or a Hugging Face model directory (checkpoints.weights_location).
+    """Policy and (if the loss uses one) reference model, both starting from model.load_from when it is set (any
+    location weights.py reads: a policy.pt, a checkpoint directory, a Hugging Face model directory).
 
-    Embeddings grow to `vocab_size` (the tokenizer's length, which includes any control tokens) before loading,
-    so checkpoints of csft runs load into them. `wrap_policy` (the trainer's) builds the trained module around the
-    causal LM, e.g. PPO's value head, before sharding so that the head is sharded and synchronised too. With several
-    processes both models are sharded with FSDP (distributed.shard_model); in one process they move to `device`.
-    With cache_reference_logprobs the reference comes wrapped in a reference_cache.CachedReference.
+    `policy_weights` gives the policy other weights than load_from's (eval.py: saved_policy). Embeddings grow to
+    `vocab_size` (the tokenizer's length, which includes any control tokens), so checkpoints of csft runs load into
+    them. `wrap_policy` (the trainer's) builds the trained module around the causal LM, e.g. PPO's value head,
+    before sharding so that the head is sharded and synchronised too. With several processes both models are
+    sharded with FSDP (distributed.shard_model); in one process they move to `device`. With
+    cache_reference_logprobs the reference comes wrapped in a reference_cache.CachedReference.
     """
-    weights = None if config.model.load_from is None \
-        else weights_location(resolve_path(str(config.model.load_from), config.cache_dir))
-    # A Hugging Face model directory (e.g. an exported LATEST) is loaded as the model; a policy.pt is loaded into it.
-    model_config = OmegaConf.merge(config.model, {"name_or_path": str(weights), "from_config": False}) \
-        if weights is not None and weights.is_dir() else config.model
-    policy = load_causal_lm(model_config, config.model.policy_dtype, config.seed)
-    reference = load_causal_lm(model_config, config.model.reference_dtype, config.seed) \
+    start = weights.locate_in_config(config, "model.load_from")
+    policy_weights = policy_weights or start
+    policy = weights.load_model(policy_weights, config.model, config.model.policy_dtype, config.seed, vocab_size)
+    reference = weights.load_model(start, config.model, config.model.reference_dtype, config.seed, vocab_size) \
         if config.loss.use_reference_model else None
-    for model in filter(None, (policy, reference)):
-        grow_embeddings(model, vocab_size)
-    if weights is not None and weights.is_file():
-        for model in filter(None, (policy, reference)):
-            info = load_weights(model, weights)
-        rank0_print(f"loaded weights from {weights} (trained on {info['step_idx']} examples; metrics {info['metrics']})")
-    elif weights is not None:
-        rank0_print(f"loaded the model from the Hugging Face model directory {weights}")
+    for name, loaded in (("policy", policy_weights), ("reference model", start if reference is not None else None)):
+        if loaded is not None:
+            rank0_print(f"{name}: loaded {loaded.path}{training_history(loaded)}")
     if config.model.activation_checkpointing:
         # Recompute each block's activations during backward instead of storing them; the reference model runs
         # without gradients and has nothing to save.
@@ -78,7 +77,8 @@ def build_models(config: DictConfig, device: torch.device, vocab_size: int,
     if reference is not None:
         reference.requires_grad_(False).eval()
     if config.cache_reference_logprobs and reference is None:
-        rank0_print(f"cache_reference_logprobs: loss {config.loss.name} uses no reference model; there is nothing to cache")
+        rank0_print(f"cache_reference_logprobs: loss {config.loss.name} uses no reference model; "
+                    "there is nothing to cache")
     # Hashed before sharding, while every process holds all the weights.
     fingerprint = cache_fingerprint(config, reference) \
         if reference is not None and config.cache_reference_logprobs else None
@@ -92,6 +92,14 @@ def build_models(config: DictConfig, device: torch.device, vocab_size: int,
     if fingerprint is not None:
         reference = CachedReference(reference, LogpStore(cache_path(config.cache_dir, fingerprint), fingerprint))
     return policy, reference
+
+
+def training_history(loaded: weights.Weights) -> str:
+    """` (trained on N examples)` when the weights are a HALOs checkpoint's (its small trainer_state.pt says), else
+    nothing (e.g. a model from the hub)."""
+    if not (loaded.directory / TRAINER_STATE).is_file():
+        return ""
+    return f" (trained on {checkpoint_info(loaded.directory)['step_idx']} examples)"
 
 
 def wandb_mode() -> str:
@@ -113,18 +121,40 @@ def wandb_mode() -> str:
 def init_wandb(config: DictConfig, run_id: Optional[str] = None) -> bool:
     """Starts the wandb run on the main process; returns whether metrics should be logged.
 
-    `run_id` (a resumed run's, from its checkpoint) continues that wandb run instead of starting a new one.
+    Online mode needs the wandb server: a TCP connection must open within WANDB_PROBE_SECONDS and wandb.init finish
+    within WANDB_INIT_SECONDS (WANDB_INIT_TIMEOUT overrides it), else the run logs offline, said in one line, instead
+    of wandb retrying for minutes and failing with a traceback. `run_id` (a resumed run's, from its checkpoint)
+    continues that wandb run instead of starting a new one.
     """
     if not config.wandb.enabled or config.debug:
         return False
     import wandb
 
     mode = wandb_mode()
+    offline_reason = "no login found" if mode == "offline" else None
+    server = os.environ.get("WANDB_BASE_URL", WANDB_DEFAULT_URL)
+    if mode == "online" and not endpoint_reachable(server, WANDB_PROBE_SECONDS):
+        mode, offline_reason = "offline", f"{server} is unreachable"
     os.makedirs(config.cache_dir, exist_ok=True)
     os.environ.setdefault("WANDB_CACHE_DIR", config.cache_dir)
-    wandb.init(entity=config.wandb.entity, project=config.wandb.project, name=config.exp_name, mode=mode,
-               dir=config.cache_dir, config=OmegaConf.to_container(config, resolve=True), id=run_id, resume="allow")
+    # Passed explicitly: wandb reads its environment once per process, at the first wandb.init.
+    settings = wandb.Settings(base_url=server,
+                              init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", WANDB_INIT_SECONDS)))
+
+    def start(mode: str) -> None:
+        wandb.init(entity=config.wandb.entity, project=config.wandb.project, name=config.exp_name, mode=mode,
+                   dir=config.cache_dir, config=OmegaConf.to_container(config, resolve=True), id=run_id,
+                   resume="allow", settings=settings)
+
+    if mode == "online":
+        try:
+            start(mode)
+        except wandb.errors.Error as e:
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            mode, offline_reason = "offline", f"wandb.init failed ({first_line})"
     if mode == "offline":
-        rank0_print(f"wandb: no login found, logging offline under {config.cache_dir}/wandb "
+        start(mode)
+    if offline_reason:
+        rank0_print(f"wandb: {offline_reason}; logging offline under {config.cache_dir}/wandb "
                     "(upload later with `wandb sync`)")
     return True

@@ -4,10 +4,11 @@ Layout of a run directory (docs/checkpoints.md)::
 
     <cache_dir>/<exp_name>/config.yaml        resolved config
     <cache_dir>/<exp_name>/tokenizer files
-    <cache_dir>/<exp_name>/LATEST/            the newest checkpoint: policy.pt (+ v_head.pt for PPO), tokenizer files,
+    <cache_dir>/<exp_name>/LATEST/            the newest checkpoint: the policy's weights, once (policy.pt, or in an
+                                              exported checkpoint a Hugging Face model: config.json,
+                                              model.safetensors), v_head.pt for PPO, tokenizer files,
                                               trainer_state.pt; while the run goes on also optimizer.pt and
-                                              scheduler.pt (resumable), once it has finished a Hugging Face export
-                                              (config.json, model.safetensors, generation_config.json)
+                                              scheduler.pt (resumable). The finished run's LATEST is exported.
     <cache_dir>/<exp_name>/step-<N>/          intermediate checkpoints (N = training examples seen)
 
 Every .pt file is a `{step_idx, state, metrics}` dict of tensors and plain Python values, read back with
@@ -16,6 +17,7 @@ target under a temporary name and renamed into place, so a crash leaves the prev
 """
 import os
 import random
+import re
 import shutil
 import signal
 import tempfile
@@ -35,7 +37,7 @@ LATEST = "LATEST"
 POLICY, V_HEAD = "policy.pt", "v_head.pt"
 OPTIMIZER, SCHEDULER, TRAINER_STATE = "optimizer.pt", "scheduler.pt", "trainer_state.pt"
 AUTO = "auto"  # resume_from value: this run's own LATEST when it is resumable
-# Weights + optimizer state (up to 2x the weights for Adam) while training, weights + export at the end.
+# The new checkpoint's weights and optimizer state (up to 2x the weights for Adam) beside the previous one's weights.
 CHECKPOINT_SIZE_FACTOR = 3
 # Settings that fix which batch comes next or what the saved optimizer state means: a resumed run must keep them.
 RESUME_INVARIANT_KEYS = ("seed", "datasets", "model.name_or_path", "model.batch_size", "loss.name", "loss.dataloader",
@@ -67,14 +69,23 @@ def save_checkpoint(path: Path, state: Mapping[str, Any], step_idx: int, metrics
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
-    """Reads a checkpoint written by save_checkpoint; refuses files that need arbitrary unpickling."""
+    """Reads a checkpoint written by save_checkpoint; refuses files that need arbitrary unpickling.
+
+    Three failures get their own one-line CheckpointError: a missing file; a file torch.save did not write (or a
+    truncated one), which is "not a checkpoint"; and a pickle that would construct other objects than tensors and
+    plain values, which is refused before anything in it runs. torch's own message for the last two advises retrying
+    with weights_only=False, which is unsafe and, for a file that is not a checkpoint, no help either.
+    """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except Exception as e:  # torch raises UnpicklingError or RuntimeError with a long explanation
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load checkpoint {path} safely (weights only): {first_line}") from None
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, KeyError or EOFError
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused:
+            raise CheckpointError(f"cannot load checkpoint {path} safely: loading it would call {refused[1]}, and a "
+                                  "checkpoint may hold only tensors and plain values") from None
+        raise CheckpointError(f"{path} is not a checkpoint: not a complete file written by torch.save") from None
     if not isinstance(payload, dict) or "state" not in payload:
         raise CheckpointError(f"{path} is not a HALOs checkpoint (expected a dict with 'state', 'step_idx', 'metrics')")
     return payload
@@ -111,14 +122,19 @@ def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
     disk, then puts it in place of `target`.
 
     The previous `target` is moved aside only once the new directory is complete and removed only once the new one
-    is in place: a crash before that leaves it untouched, a crash between the two renames leaves it under
-    `.<name>.old`, which recover_interrupted_saves (run at every start) moves back.
+    is in place: a failed write removes the temporary directory and leaves the previous one untouched, a crash
+    between the two renames leaves it under `.<name>.old`, which recover_interrupted_saves (run at every start)
+    moves back.
     """
     tmp, previous = _temporary(target), _previous(target)
     shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
     tmp.mkdir(parents=True)
-    write(tmp)
-    _fsync_tree(tmp)  # preemption may power the machine off right after the process exits
+    try:
+        write(tmp)
+        _fsync_tree(tmp)  # preemption may power the machine off right after the process exits
+    except BaseException:  # a failed write (full disk, permissions) leaves nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if target.exists():
         shutil.rmtree(previous, ignore_errors=True)
         os.rename(target, previous)
@@ -178,17 +194,6 @@ def is_hf_model_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
-def weights_location(path: Path) -> Path:
-    """Where model.load_from's weights are: a Hugging Face model directory, or a policy.pt (given directly or as
-    the directory holding one, e.g. a step-<N> checkpoint without an export). Raises CheckpointError otherwise."""
-    if path.is_file() or is_hf_model_dir(path):
-        return path
-    if (path / POLICY).is_file():
-        return path / POLICY
-    raise CheckpointError(f"model.load_from: {path} is neither a policy.pt, a Hugging Face model directory "
-                          "(with config.json) nor a checkpoint directory holding a policy.pt")
-
-
 def export_hf(model: torch.nn.Module, state: Dict[str, torch.Tensor], directory: Path) -> None:
     """Writes `state`, the full weights of the Hugging Face causal LM `model`, as a model directory that
     AutoModelForCausalLM.from_pretrained (and so vLLM) loads: config.json, model.safetensors (sharded when large),
@@ -230,9 +235,17 @@ def restore_rng_states(states: Mapping[str, Any]) -> None:
 
 def read_trainer_state(directory: Path) -> Optional[Dict[str, Any]]:
     """The trainer_state.pt state of a checkpoint directory, or None when it has none (written before resuming
-    existed, or an intermediate step-<N>)."""
+    existed)."""
     path = directory / TRAINER_STATE
     return load_checkpoint(path)["state"] if path.is_file() else None
+
+
+def checkpoint_info(directory: Path) -> Dict[str, Any]:
+    """`{step_idx, metrics}` of a checkpoint directory: the examples it was trained on and its last evaluation's
+    metrics, from trainer_state.pt (every checkpoint has one), else from a policy.pt written before it had."""
+    path = directory / TRAINER_STATE if (directory / TRAINER_STATE).is_file() else directory / POLICY
+    payload = load_checkpoint(path)
+    return {"step_idx": payload["step_idx"], "metrics": payload["metrics"]}
 
 
 def find_resume_point(config: DictConfig) -> Optional[ResumePoint]:
@@ -259,8 +272,10 @@ def find_resume_point(config: DictConfig) -> Optional[ResumePoint]:
     location = resolve_path(str(config.resume_from), config.cache_dir)
     directory = location / LATEST if (location / LATEST).is_dir() else location
     state = read_trainer_state(directory)
-    if state is None:
-        raise CheckpointError(f"resume_from: {directory} holds no resumable checkpoint (no {TRAINER_STATE})")
+    if state is None or not (directory / OPTIMIZER).is_file() and not state["finished"]:
+        missing = TRAINER_STATE if state is None else f"{OPTIMIZER}: an intermediate checkpoint holds weights only"
+        raise CheckpointError(f"resume_from: {directory} holds no resumable checkpoint (no {missing}); start a new "
+                              f"run from it with ++model.load_from={directory}")
     if state["finished"]:
         raise CheckpointError(f"resume_from: {directory} is the end of a finished run ({state['example_counter']} "
                               f"examples): there is nothing to resume; start a new run from it with "
@@ -296,12 +311,27 @@ def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
 # --- startup checks --------------------------------------------------------------------------------------------
 
 
-def prepare_run_dir(run_dir: Path) -> None:
-    """Creates the run directory and proves it writable, so that an unwritable cache_dir fails before training."""
+def nearest_existing(path: Path) -> Path:
+    """`path` or its closest ancestor that exists."""
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def check_run_dir_writable(run_dir: Path) -> None:
+    """Proves that the run directory can be created and written, creating nothing, so that an unwritable cache_dir
+    fails before anything loads while a run that fails its config or data checks leaves no directory behind.
+
+    The probe is a temporary file in the run directory when it exists, else a temporary directory in its closest
+    existing ancestor, removed at once (os.access would not see a read-only file system or an ACL).
+    """
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
-            pass
+        if run_dir.is_dir():
+            with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
+                pass
+        else:
+            ancestor = nearest_existing(run_dir)
+            if not ancestor.is_dir():
+                raise NotADirectoryError(20, f"{ancestor} is a file")
+            os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".write-test-"))
     except OSError as e:
         raise CheckpointError(f"cache_dir: cannot write the run directory {run_dir}: {e.strerror or e}") from None
 
@@ -310,11 +340,11 @@ def check_free_space(run_dir: Path, model: torch.nn.Module) -> None:
     """Raises CheckpointError when `run_dir`'s disk cannot hold one more checkpoint of `model` (the previous one
     stays until the new one is complete): CHECKPOINT_SIZE_FACTOR times its weights."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    needed, free = CHECKPOINT_SIZE_FACTOR * weights, shutil.disk_usage(run_dir).free
+    needed, free = CHECKPOINT_SIZE_FACTOR * weights, shutil.disk_usage(nearest_existing(run_dir)).free
     if free < needed:
         raise CheckpointError(f"cache_dir: {run_dir} has {free / 2**30:.2f} GiB free, but a checkpoint of this model "
-                              f"needs about {needed / 2**30:.2f} GiB (weights x{CHECKPOINT_SIZE_FACTOR}: optimizer "
-                              "state, Hugging Face export); free some space or point cache_dir elsewhere")
+                              f"needs about {needed / 2**30:.2f} GiB (weights x{CHECKPOINT_SIZE_FACTOR}: the previous "
+                              "checkpoint and the optimizer state); free some space or point cache_dir elsewhere")
 
 
 # --- preemption ------------------------------------------------------------------------------------------------

@@ -21,17 +21,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from judging.outputs import append_results_line, summary_lines, write_judgments_csv, write_plot
-from judging.summary import (StatsSettings, agreement, ensemble_outcomes, judge_outcomes, judge_summary, tally,
-                             usage_summary, win_rates)
 from errors import HalosError
-from judging.engine import EngineSettings, Endpoint, JudgeRejectedError, JudgeUnreachableError, api_key_for
-from judging.protocol import PROTOCOLS, first_margin, shown_orders
 from judging.cache import JudgmentCache
+from judging.engine import EngineSettings, Endpoint, JudgeRejectedError, JudgeUnreachableError, api_key_for
 from judging.judgments import Comparison, JudgingPlan, collect_verdicts, judge_pending, plan_comparisons
 from judging.lengths import LENGTH_UNITS, response_lengths
+from judging.outputs import append_results_line, summary_lines, write_judgments_csv, write_plot
+from judging.protocol import PROTOCOLS, first_margin, shown_orders
 from judging.sample_formats import PairKeys, PairSet, load_pairs, write_alpaca_eval
 from judging.stats import length_feature
+from judging.summary import (StatsSettings, agreement, ensemble_outcomes, judge_outcomes, judge_summary, tally,
+                             usage_summary, win_rates)
 
 DEFAULT_JUDGE = "gpt-4-0613"
 # AlpacaEval's preference for the candidate (its output_2): 2 won, 1.5 tie, 1 lost.

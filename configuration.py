@@ -1,12 +1,19 @@
-"""Config checks that run once, before any model or dataset loads, and report every problem together.
+"""The one config validator of train.py and eval.py: it runs before any model or dataset loads and reports every
+problem together, one `key: problem` line each.
 
 The YAML files are the schema: a key that is not in config/config.yaml, config/model/base_model.yaml or the chosen
 config/loss/<name>.yaml is an error, so a misspelt `++loss.betta=0.2` fails at once instead of being ignored.
+
+CHECKS says which checks each entry point runs: functions of (config, invocation) that return `key: problem` lines.
+ADJUSTMENTS run once the checks pass and settle derived values (a rounded eval_every, an attention fallback),
+returning a warning line for each change. Adding a check is writing such a function and listing it there.
 """
 import difflib
 import inspect
+import os
+import re
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Set
+from typing import Callable, Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
 import yaml
@@ -15,7 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 import data_config
 import dataloader
 import trainers
-from errors import ConfigError
+import weights
+from errors import ConfigError, HalosError
+from models import ATTENTION_IMPLEMENTATIONS, attention_implementation, attention_unavailable
 from resolve import resolve_class, resolve_path
 from utils import REPO_ROOT
 
@@ -23,6 +32,24 @@ CONFIG_DIR = REPO_ROOT / "config"
 STRUCTURAL_KEYS = {"defaults", "hydra"}
 CONFIG_GROUPS = {"model", "loss"}  # top-level keys filled by the defaults list
 TRAIN_MODES = ("train",)
+EVAL_MODES = ("sample", "eval", "alpacaeval")
+# exp_name is a directory name under cache_dir and a file name under samples_dir: one path component.
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=,@-]*")
+RESERVED_RUN_NAMES = ("wandb", "reference_logps")  # directories of cache_dir that are not runs
+MAX_SEED = 2**32 - 1  # numpy's seed range
+
+
+class Invocation(NamedTuple):
+    """How a config was asked for: which entry point, and what the checks cannot read from the config itself."""
+
+    entry_point: str  # "train" (train.py) or "eval" (eval.py)
+    loss_choice: Optional[str] = None  # train.py: the loss config's name, config/loss/<name>.yaml
+    n_processes: int = 1  # training processes the batches are split over
+    search_dirs: Sequence[str] = ()  # extra config directories (hydra.searchpath) holding users' loss configs
+    command_line_keys: FrozenSet[str] = frozenset()  # dotted keys set on the command line (model.use_flash_attention)
+
+
+Check = Callable[[DictConfig, Invocation], List[str]]
 
 
 def yaml_keys(path: Path) -> Set[str]:
@@ -55,7 +82,9 @@ def is_positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _check_schema(config: DictConfig, loss_choice: str, search_dirs: Sequence[str]) -> List[str]:
+def _check_schema(config: DictConfig, invocation: Invocation) -> List[str]:
+    """Required keys that are missing and keys no YAML file defines. The loss config's own keys are known only to
+    train.py (eval.py reads a saved config that has no defaults list)."""
     # Interpolations of a missing key (local_run_dir: ${cache_dir}/${exp_name}) are not reported themselves.
     derived = _interpolated_keys(config)
     OmegaConf.resolve(config)
@@ -64,8 +93,10 @@ def _check_schema(config: DictConfig, loss_choice: str, search_dirs: Sequence[st
     problems += unknown_keys("", config.keys(), yaml_keys(CONFIG_DIR / "config.yaml") | CONFIG_GROUPS)
     problems += unknown_keys("model.", config.model.keys(), yaml_keys(CONFIG_DIR / "model" / "base_model.yaml"))
     problems += unknown_keys("wandb.", config.wandb.keys(), {"enabled", "entity", "project"})
-    loss_file = next((f for d in (CONFIG_DIR, *map(Path, search_dirs)) if (f := d / "loss" / f"{loss_choice}.yaml").exists()),
-                     None)
+    if invocation.entry_point != "train":
+        return problems
+    loss_file = next((f for d in (CONFIG_DIR, *map(Path, invocation.search_dirs))
+                      if (f := d / "loss" / f"{invocation.loss_choice}.yaml").exists()), None)
     if loss_file is not None:
         problems += unknown_keys("loss.", config.loss.keys(), yaml_keys(loss_file))
     for key in ("name", "trainer", "dataloader", "use_reference_model"):
@@ -74,7 +105,7 @@ def _check_schema(config: DictConfig, loss_choice: str, search_dirs: Sequence[st
     return problems
 
 
-def _check_classes(config: DictConfig) -> List[str]:
+def _check_classes(config: DictConfig, invocation: Invocation) -> List[str]:
     problems = []
     for key, module, base in (("trainer", "trainers", trainers.BasicTrainer),
                               ("dataloader", "dataloader", dataloader.DataLoader)):
@@ -93,7 +124,9 @@ def _check_classes(config: DictConfig) -> List[str]:
     return problems
 
 
-def _check_values(config: DictConfig, n_processes: int) -> List[str]:
+def _check_values(config: DictConfig, invocation: Invocation) -> List[str]:
+    """Batch sizes, lengths, dtypes and the optimisation settings."""
+    n_processes = invocation.n_processes
     problems = []
     model = config.model
     for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length"):
@@ -122,6 +155,9 @@ def _check_values(config: DictConfig, n_processes: int) -> List[str]:
     for key in ("n_epochs", "n_examples", "n_eval_examples"):
         if config[key] is not None and not is_positive_int(config[key]):
             problems.append(f"{key}: expected a positive integer or null, got {config[key]!r}")
+    for key in ("minimum_log_interval_secs", "print_interval_secs"):
+        if isinstance(config[key], bool) or not isinstance(config[key], (int, float)) or config[key] < 0:
+            problems.append(f"{key}: expected a number of seconds >= 0, got {config[key]!r}")
     if not is_positive_int(config.eval_every):
         problems.append(f"eval_every: expected a positive integer, got {config.eval_every!r}")
     elif is_positive_int(model.batch_size) and config.eval_every < model.batch_size:
@@ -129,13 +165,10 @@ def _check_values(config: DictConfig, n_processes: int) -> List[str]:
     for key in ("frac_unique_desirable", "frac_unique_undesirable"):
         if not isinstance(config[key], (int, float)) or not 0 < config[key] <= 1:
             problems.append(f"{key}: expected a fraction in (0, 1], got {config[key]!r}")
-    if model.load_from is not None and resolve_path(str(model.load_from), config.cache_dir) is None:
-        problems.append(f"model.load_from: {model.load_from} not found (looked under cache_dir={config.cache_dir} "
-                        f"and the working directory)")
     return problems
 
 
-def _check_checkpoint_options(config: DictConfig) -> List[str]:
+def _check_checkpoint_options(config: DictConfig, invocation: Invocation) -> List[str]:
     """resume_from, checkpoint_every, keep_last_checkpoints, export_intermediate, model.trust_remote_code
     (docs/checkpoints.md)."""
     problems = [f"{key}: expected a positive integer or null, got {config[key]!r}"
@@ -152,7 +185,7 @@ def _check_checkpoint_options(config: DictConfig) -> List[str]:
     return problems
 
 
-def _check_speed_options(config: DictConfig) -> List[str]:
+def _check_speed_options(config: DictConfig, invocation: Invocation) -> List[str]:
     """pack_sequences and cache_reference_logprobs (docs/performance.md)."""
     problems = [f"{key}: expected true or false, got {config[key]!r}"
                 for key in ("pack_sequences", "cache_reference_logprobs") if not isinstance(config[key], bool)]
@@ -163,31 +196,155 @@ def _check_speed_options(config: DictConfig) -> List[str]:
             return problems  # reported by the class check
         if issubclass(trainer, trainers.BasicTrainer) and trainer.requires_reference_model \
                 and not trainer.caches_reference_logps():
-            problems.append(f"cache_reference_logprobs: {trainer.__name__} reads reference log-probs the cache does not "
-                            "hold (PPO's or a token-level loss's per-token log-probs), so they cannot be cached")
+            problems.append(f"cache_reference_logprobs: {trainer.__name__} reads reference log-probs the cache does "
+                            "not hold (PPO's or a token-level loss's per-token log-probs), so they cannot be cached")
     return problems
 
 
-def validate_train_config(config: DictConfig, loss_choice: str, n_processes: int = 1,
-                          search_dirs: Sequence[str] = ()) -> List[str]:
-    """Resolves and checks a composed training config; returns warnings and raises ConfigError listing every problem.
+def _check_train_mode(config: DictConfig, invocation: Invocation) -> List[str]:
+    if OmegaConf.is_missing(config, "mode") or config.mode in TRAIN_MODES:
+        return []  # a missing mode is reported by the schema check
+    return [f"mode: train.py needs mode=train, got '{config.mode}' (sample/eval modes are for eval.py)"]
 
-    Also rounds eval_every down to a multiple of model.batch_size (evaluation happens between batches), as the
-    original does, and reports that as a warning.
-    """
-    problems = _check_schema(config, loss_choice, search_dirs)
-    if not OmegaConf.is_missing(config, "mode") and config.mode not in TRAIN_MODES:
-        problems.append(f"mode: train.py needs mode=train, got '{config.mode}' (sample/eval modes are for eval.py)")
-    problems += _check_values(config, n_processes) + _check_classes(config) + _check_speed_options(config) \
-        + _check_checkpoint_options(config)
-    if problems:
-        raise ConfigError(f"invalid config ({len(problems)} problem{'s' * (len(problems) > 1)}):\n  - "
-                          + "\n  - ".join(problems))
-    warnings = []
+
+def _check_eval_mode(config: DictConfig, invocation: Invocation) -> List[str]:
+    if OmegaConf.is_missing(config, "mode") or config.mode in EVAL_MODES:
+        return []
+    return [f"mode: expected one of {', '.join(EVAL_MODES)} (e.g. ++mode=sample), got {config.mode!r}"]
+
+
+def _check_run_name(config: DictConfig, invocation: Invocation) -> List[str]:
+    """exp_name names a directory of cache_dir and files of samples_dir, so it must be one plain path component:
+    `../x` would write outside cache_dir, an empty name or `.` into cache_dir itself."""
+    if OmegaConf.is_missing(config, "exp_name"):
+        return []
+    name = config.exp_name
+    problems = []
+    if isinstance(name, bool) or not isinstance(name, (str, int)) or not RUN_NAME.fullmatch(str(name)):
+        problems.append(f"exp_name: {name!r} is not a run name: use letters, digits and . _ + - = , @ (not first: "
+                        ". - + = , @); it names a directory in cache_dir")
+    elif str(name) in RESERVED_RUN_NAMES:
+        problems.append(f"exp_name: '{name}' is the name of a directory HALOs keeps in cache_dir; choose another")
+    if invocation.entry_point == "train" and not problems and not OmegaConf.is_missing(config, "local_run_dir") \
+            and os.path.abspath(str(config.local_run_dir)) == os.path.abspath(str(config.cache_dir)):
+        problems.append(f"local_run_dir: {config.local_run_dir} is cache_dir itself; a run needs its own directory")
+    return problems
+
+
+def _check_seed(config: DictConfig, invocation: Invocation) -> List[str]:
+    seed = config.seed
+    if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED:
+        return []
+    return [f"seed: expected an integer from 0 to {MAX_SEED}, got {seed!r}"]
+
+
+def _check_weights(config: DictConfig, invocation: Invocation) -> List[str]:
+    """model.load_from (both entry points: eval.py's reference model and default policy start there) and
+    saved_policy (eval.py) name weights that the loader can read (weights.py)."""
+    keys = ("model.load_from", "saved_policy") if invocation.entry_point == "eval" else ("model.load_from",)
+    problems = []
+    for key in keys:
+        try:
+            weights.locate_in_config(config, key)
+        except HalosError as e:
+            problems.append(str(e))
+    return problems
+
+
+def _attention_problem(config: DictConfig) -> Optional[Tuple[str, str]]:
+    """(the key that chose it, why it cannot run) when the model's attention implementation is unavailable here."""
+    reason = attention_unavailable(attention_implementation(config.model))
+    if reason is None:
+        return None
+    key = "model.attn_implementation" if config.model.get("attn_implementation") else "model.use_flash_attention"
+    return key, reason
+
+
+def _check_attention(config: DictConfig, invocation: Invocation) -> List[str]:
+    """An attention implementation asked for on the command line must be available; one that comes from a preset
+    or a saved config falls back to sdpa instead (_fall_back_attention)."""
+    problem = _attention_problem(config)
+    if problem is None:
+        return []
+    key, reason = problem
+    if attention_implementation(config.model) not in ATTENTION_IMPLEMENTATIONS:
+        return [f"{key}: {reason}"]
+    if key in invocation.command_line_keys:
+        return [f"{key}: {reason}, which this machine lacks; drop the override to use sdpa"]
+    return []
+
+
+def _check_sampling(config: DictConfig, invocation: Invocation) -> List[str]:
+    """eval.py's own keys: n_samples, n_eval_examples, model.eval_batch_size, top_p, samples_dir."""
+    problems = []
+    if config.n_samples is not None and not is_positive_int(config.n_samples):
+        problems.append(f"n_samples: expected a positive integer or null (all test prompts), got {config.n_samples!r}")
+    if config.n_eval_examples is not None and not is_positive_int(config.n_eval_examples):
+        problems.append(f"n_eval_examples: expected a positive integer or null, got {config.n_eval_examples!r}")
+    if not is_positive_int(config.model.eval_batch_size):
+        problems.append(f"model.eval_batch_size: expected a positive integer, got {config.model.eval_batch_size!r}")
+    if not isinstance(config.top_p, (int, float)) or not 0 < config.top_p <= 1:
+        problems.append(f"top_p: expected a number in (0, 1], got {config.top_p!r}")
+    samples_dir = Path(str(config.samples_dir))
+    blocking = next((p for p in (samples_dir, *samples_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        problems.append(f"samples_dir: {blocking} is a file, so {samples_dir} cannot be a directory for the outputs")
+    return problems
+
+
+def _round_eval_every(config: DictConfig, invocation: Invocation) -> List[str]:
+    """eval_every rounded down to a multiple of model.batch_size (evaluation happens between batches), as the
+    original does."""
     remainder = config.eval_every % config.model.batch_size
-    if remainder:
-        rounded = config.eval_every - remainder
-        warnings.append(f"eval_every={config.eval_every} is not a multiple of model.batch_size="
-                        f"{config.model.batch_size}; evaluating every {rounded} examples instead")
-        config.eval_every = rounded
-    return warnings
+    if not remainder:
+        return []
+    rounded = config.eval_every - remainder
+    warning = (f"eval_every={config.eval_every} is not a multiple of model.batch_size={config.model.batch_size}; "
+               f"evaluating every {rounded} examples instead")
+    config.eval_every = rounded
+    return [warning]
+
+
+def _fall_back_attention(config: DictConfig, invocation: Invocation) -> List[str]:
+    """Presets ask for flash-attention (llama, mistral, zephyr), which needs a GPU and the flash-attn package: without
+    them the model is built with sdpa instead, and the saved config says so."""
+    problem = _attention_problem(config)
+    if problem is None:
+        return []
+    key, reason = problem
+    config.model.use_flash_attention = False
+    config.model.attn_implementation = "sdpa"
+    return [f"{key}: {reason}, which this machine lacks; using sdpa attention instead"]
+
+
+CHECKS: Dict[str, List[Check]] = {
+    "train": [_check_schema, _check_train_mode, _check_run_name, _check_seed, _check_values, _check_classes,
+              _check_weights, _check_speed_options, _check_checkpoint_options, _check_attention],
+    "eval": [_check_schema, _check_eval_mode, _check_run_name, _check_seed, _check_sampling, _check_weights,
+             _check_attention],
+}
+ADJUSTMENTS: Dict[str, List[Check]] = {
+    "train": [_round_eval_every, _fall_back_attention],
+    "eval": [_fall_back_attention],
+}
+
+
+def validate_config(config: DictConfig, invocation: Invocation) -> List[str]:
+    """Resolves and checks a composed config for `invocation.entry_point`; raises ConfigError listing every problem,
+    else settles the derived values (ADJUSTMENTS) and returns a warning line for each change."""
+    problems = [problem for check in CHECKS[invocation.entry_point] for problem in check(config, invocation)]
+    if problems:
+        raise ConfigError.listing(problems)
+    return [warning for adjust in ADJUSTMENTS[invocation.entry_point] for warning in adjust(config, invocation)]
+
+
+def validate_train_config(config: DictConfig, loss_choice: str, n_processes: int = 1,
+                          search_dirs: Sequence[str] = (), command_line_keys: Iterable[str] = ()) -> List[str]:
+    """validate_config for train.py; `loss_choice` names config/loss/<name>.yaml."""
+    return validate_config(config, Invocation("train", loss_choice, n_processes, tuple(search_dirs),
+                                              frozenset(command_line_keys)))
+
+
+def validate_eval_config(config: DictConfig, command_line_keys: Iterable[str] = ()) -> List[str]:
+    """validate_config for eval.py, on a run's saved config with the command line's overrides."""
+    return validate_config(config, Invocation("eval", command_line_keys=frozenset(command_line_keys)))

@@ -11,12 +11,12 @@ from typing import Dict, List, Mapping, Optional, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import dataloader
-from data_model import DataError
-from data_sources import SourceSpec, is_hub_id, split_file
 from errors import ConfigError
-from feedback_rows import FIELDS
-from mixing import Mixture
-from prompt_format import chat_template_problem, prompt_format_from_config
+from feedback.examples import DataError
+from feedback.mixing import Mixture
+from feedback.prompt_format import chat_template_problem, prompt_format_from_config
+from feedback.rows import FIELDS
+from feedback.sources import SourceSpec, is_hub_id, split_file
 from resolve import resolve_class
 
 SOURCE_KEYS = ("path", "subset", "splits", "columns", "test_fraction")

@@ -1,8 +1,8 @@
 """Tokenised, padded batches for every HALOs loss.
 
 A DataLoader loads its feedback datasets once (`DataSpec`: names, prompt format, local paths, named sources,
-mixing weights and caps), renders and tokenises every Example it can use (tokenization.py), flattens them into the
-items its loss needs (one SFT target per prompt, chosen/rejected responses, preference pairs ...), reports what it
+mixing weights and caps), renders and tokenises every Example it can use (feedback/tokenization.py), flattens them
+into the items its loss needs (one SFT target per prompt, chosen/rejected responses, preference pairs ...), reports what it
 read, dropped and truncated (`loader.report`), and yields collated GLOBAL batches of exactly
 `options.batch_size` examples; the trainer slices them per rank.
 
@@ -40,18 +40,19 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
-from data_model import DataError, Dataset, Example
-from data_report import DataReport, ItemLengths, SourceCounts, build_report
-from data_sources import SourceSpec
+from feedback.examples import DataError, Dataset, Example
+from feedback.report import DataReport, ItemLengths, SourceCounts, build_report
+from feedback.sources import SourceSpec
 # The get_<name> functions are imported so that dataset_functions() finds them next to users' own ones.
+from feedback.items import (ItemParts, LabelledResponse, PreferencePair, best_and_worst, binary_labels, checked_index,
+                            kept_count)
+from feedback.mixing import Mixture
+from feedback.prompt_format import PrefixFormat, PromptFormat
+from feedback.rows import load_source
 from feedback_datasets import (get_alpacaeval, get_hh, get_hh_harmless, get_hh_helpful, get_oasst,  # noqa: F401
                                get_shp, get_ultrabin, get_ultrachat, get_ultrafeedback, get_ultrafeedback_armorm)
-from feedback_rows import load_source
-from items import ItemParts, LabelledResponse, PreferencePair, best_and_worst, binary_labels, checked_index, kept_count
-from mixing import Mixture
-from prompt_format import PrefixFormat, PromptFormat
 # The batch keys and collate are imported from here by trainers, sampling and users' code.
-from tokenization import (CHOSEN, CHOSEN_KEYS, KL, KL_KEYS, ORIGINAL_PROMPT_KEY, PROMPT_KEYS,  # noqa: F401
+from feedback.tokenization import (CHOSEN, CHOSEN_KEYS, KL, KL_KEYS, ORIGINAL_PROMPT_KEY, PROMPT_KEYS,  # noqa: F401
                           REJECTED, REJECTED_KEYS, STATUS_KEY, TARGET, TARGET_KEYS, TRUNCATION_MODE_KEY,
                           EncodedExample, Encoder, collate)
 from utils import IGNORE_INDEX
@@ -66,11 +67,11 @@ class DataSpec:
     Attributes:
         names: dataset names: a `get_<name>` function of this module, a dotted path to a function, or a name in
             `sources` / `local_paths`.
-        prompt_format: the four prefix strings (default) or a chat template (prompt_format.py).
+        prompt_format: the four prefix strings (default) or a chat template (feedback/prompt_format.py).
         local_paths: name -> local mirror passed to its function as `local_path`, or, for a name without one, a
             local file or directory read as a named source.
         sources: name -> SourceSpec of a dataset read without code (hub id or local files, column mapping).
-        weights: name -> mixing weight (mixing.py); empty: every item once per epoch.
+        weights: name -> mixing weight (feedback/mixing.py); empty: every item once per epoch.
         max_examples: name -> at most this many of its items.
     """
     names: Sequence[str]
@@ -216,7 +217,7 @@ class DataLoader(ABC):
     """Shared loading, batching and epoch logic; subclasses decide what an item is and what its element holds.
 
     Iteration: shuffle the Examples, flatten them into items, then every epoch shuffle the items (or, with mixing
-    weights or caps, draw the epoch's mix, mixing.py) and yield full batches of `batch_size` (a final incomplete
+    weights or caps, draw the epoch's mix, feedback/mixing.py) and yield full batches of `batch_size` (a final incomplete
     batch is dropped), until `n_epochs` epochs or `n_examples` examples (rounded up to whole batches), whichever
     comes first. All randomness comes from `random.Random(seed)` created at the start of each iteration.
 
@@ -361,7 +362,7 @@ class DataLoader(ABC):
         return n_batches
 
     def build_report(self, datasets: List[Tuple[str, Dataset]]) -> DataReport:
-        """The start-of-run table (data_report.py); also checks every item fits max_length (DataError if not)."""
+        """The start-of-run table (feedback/report.py); also checks every item fits max_length (DataError if not)."""
         items, pools = self.first_epoch()
         lengths = [self.item_lengths(item) for item in items]
         counts = [SourceCounts(name, dataset.rows_read, dataset.dropped, len(dataset)) for name, dataset in datasets]

@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from console import say
 from errors import HalosError
 
 LOCALHOST = "127.0.0.1"
@@ -36,9 +37,10 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def rank0_print(*args, **kwargs) -> None:
+def rank0_print(message: str) -> None:
+    """One line on the main process's stdout, above any progress bar (console.say)."""
     if is_main_process():
-        print(*args, **kwargs)
+        say(message)
 
 
 # --- launching -------------------------------------------------------------------------------------------------
@@ -87,11 +89,41 @@ def spawn(fn: Callable, args: Sequence[Any], n_processes: int, port: Optional[in
 def _spawned_process(local_rank: int, n_processes: int, port: int, fn: Callable, args: tuple) -> None:
     # The same environment torchrun provides, so both launch paths initialise the group the same way.
     os.environ.update(MASTER_ADDR=LOCALHOST, MASTER_PORT=str(port), RANK=str(local_rank),
-                      LOCAL_RANK=str(local_rank), WORLD_SIZE=str(n_processes))
-    if "OMP_NUM_THREADS" not in os.environ:
-        # Each process would start one thread per core; like torchrun, keep the processes from oversubscribing.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_processes))
+                      LOCAL_RANK=str(local_rank), WORLD_SIZE=str(n_processes), LOCAL_WORLD_SIZE=str(n_processes))
     run_in_process_group(fn, *args)
+
+
+# --- CPU threads -----------------------------------------------------------------------------------------------
+
+
+def cpu_thread_count(cores: int, load: float, local_processes: int) -> int:
+    """Intra-op threads for each of `local_processes` processes: the cores not busy with other work, shared out.
+
+    An intra-op thread that has to wait for a core stalls every other thread of the same operator at its barrier,
+    so on a loaded machine fewer threads run faster (docs/performance.md): one thread per idle core, at least one.
+
+    Args:
+        cores: cores this process may run on.
+        load: the 1-minute load average (runnable threads, including other users' work).
+        local_processes: training processes on this machine.
+    """
+    idle = max(1, int(cores - load))
+    return max(1, min(cores, idle) // local_processes)
+
+
+def choose_cpu_threads() -> str:
+    """Sets torch's intra-op thread count for this process by cpu_thread_count, unless OMP_NUM_THREADS is set (torch
+    has read it already); returns a one-line account of the choice."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        threads = torch.get_num_threads()
+        return f"CPU: {threads} intra-op thread{'s' * (threads > 1)} (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = cpu_thread_count(cores, load, local_processes)
+    torch.set_num_threads(threads)
+    return (f"CPU: {threads} intra-op thread{'s' * (threads > 1)} ({cores} cores, load {load:.1f}, "
+            f"{local_processes} process{'es' * (local_processes > 1)}; set OMP_NUM_THREADS to choose)")
 
 
 def free_port() -> int:

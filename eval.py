@@ -14,35 +14,40 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Iterable, Iterator, List, Optional, Tuple
 
 import hydra
 import torch
 import transformers
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
+import weights
 from builders import build_dataloader, build_eval_loader, build_models
-from checkpoints import POLICY, load_weights
-from configuration import CONFIG_DIR, CONFIG_GROUPS, is_positive_int, unknown_keys, yaml_keys
+from cli import override_key, start, widen_overrides
+from configuration import validate_eval_config
+from console import format_metrics, route_project_logs
 from dataloader import DataLoader
+from distributed import choose_cpu_threads
 from errors import HalosError
-from models import control_tokens, from_pretrained, grow_embeddings, load_causal_lm, load_tokenizer
-from resolve import resolve_class, resolve_path
+from models import control_tokens, from_pretrained, load_tokenizer
+from resolve import resolve_class
 from sampling import PartialSamples, sample_resumably
-from utils import formatted_dict, register_resolvers
+from utils import register_resolvers
 
 register_resolvers()
 
-MODES = ("sample", "eval", "alpacaeval")
 # The saved config has no hydra section: without these Hydra would write outputs/<date>/ and a log file.
 HYDRA_OVERRIDES = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout")
 # Keys that may differ between the interrupted run and its resumption.
 RESUME_FREE_KEYS = ("n_samples", "samples_dir")
+# Paths a saved config holds inside its run directory; eval.py reads them inside the directory it was given.
+RUN_PATH_KEYS = ("saved_policy",)
 
 
 class EvalError(HalosError):
-    """A bad eval.py invocation or config; the message is one line."""
+    """A bad eval.py invocation; the message is one line."""
 
 
 # --- command line --------------------------------------------------------------------------------------------
@@ -60,7 +65,8 @@ def split_config_path(argv: List[str]) -> Tuple[Optional[str], List[str]]:
 
 
 def prepare_argv(argv: List[str]) -> List[str]:
-    """Hydra's argv for eval.py: the run directory checked and made absolute, Hydra's own outputs switched off.
+    """Hydra's argv for eval.py: the run directory checked and made absolute, plain overrides widened to `++` (so a
+    misspelt key reaches the config check, cli.widen_overrides), Hydra's own outputs switched off.
 
     Hydra resolves a relative --config-path against the script's directory; users mean the working directory.
     Hydra keys that the command line sets itself are left to it.
@@ -73,53 +79,32 @@ def prepare_argv(argv: List[str]) -> List[str]:
         what = "has no config.yaml" if run_dir.is_dir() else "does not exist"
         raise EvalError(f"--config-path {value} {what}; pass a run directory written by train.py "
                         f"(<cache_dir>/<exp_name>)")
-    user_keys = {arg.lstrip("+~").split("=", 1)[0] for arg in rest[1:]}
+    user_keys = {override_key(arg) for arg in rest[1:]}
     hydra_overrides = [override for override in HYDRA_OVERRIDES if override.split("=", 1)[0] not in user_keys]
-    return rest[:1] + [f"--config-path={run_dir}"] + rest[1:] + hydra_overrides
+    return rest[:1] + [f"--config-path={run_dir}"] + widen_overrides(rest[1:], groups=()) + hydra_overrides
 
 
-# --- config --------------------------------------------------------------------------------------------------
+# --- the run directory ---------------------------------------------------------------------------------------
 
 
-def saved_policy_problem(config: DictConfig) -> Optional[str]:
-    if config.saved_policy is None:
-        return None
-    location = resolve_path(str(config.saved_policy), config.cache_dir)
-    if location is None:
-        return (f"saved_policy: {config.saved_policy} not found (looked under cache_dir={config.cache_dir} and the "
-                f"working directory); pass ++saved_policy=null to use the base model")
-    if location.is_dir() and not (location / "config.json").is_file():
-        return (f"saved_policy: {location} is a directory without config.json; expected a policy.pt checkpoint "
-                f"or a Hugging Face model directory")
-    return None
+def relocate_run(config: DictConfig, run_dir: Path) -> None:
+    """Points the config's run paths at `run_dir`, the directory eval.py was given.
 
-
-def config_problems(config: DictConfig) -> List[str]:
-    """Every problem of an eval-time config, each as `key: message`."""
-    if config.get("mode") not in MODES:
-        return [f"mode: expected one of {', '.join(MODES)} (e.g. ++mode=sample), got {config.get('mode')!r}"]
-    problems = [f"{key}: required but not set" for key in sorted(OmegaConf.missing_keys(config))]
-    problems += unknown_keys("", config.keys(), yaml_keys(CONFIG_DIR / "config.yaml") | CONFIG_GROUPS)
-    problems += unknown_keys("model.", config.model.keys(), yaml_keys(CONFIG_DIR / "model" / "base_model.yaml"))
-    if config.n_samples is not None and not is_positive_int(config.n_samples):
-        problems.append(f"n_samples: expected a positive integer or null (all test prompts), got {config.n_samples!r}")
-    if config.n_eval_examples is not None and not is_positive_int(config.n_eval_examples):
-        problems.append(f"n_eval_examples: expected a positive integer or null, got {config.n_eval_examples!r}")
-    if not is_positive_int(config.model.eval_batch_size):
-        problems.append(f"model.eval_batch_size: expected a positive integer, got {config.model.eval_batch_size!r}")
-    if not isinstance(config.top_p, (int, float)) or not 0 < config.top_p <= 1:
-        problems.append(f"top_p: expected a number in (0, 1], got {config.top_p!r}")
-    if config.mode == "eval" and config.model.load_from is not None \
-            and resolve_path(str(config.model.load_from), config.cache_dir) is None:
-        problems.append(f"model.load_from: {config.model.load_from} not found (looked under "
-                        f"cache_dir={config.cache_dir} and the working directory)")
-    return problems + list(filter(None, [saved_policy_problem(config)]))
-
-
-def check_config(config: DictConfig) -> None:
-    problems = config_problems(config)
-    if problems:
-        raise EvalError("; ".join(problems))
+    config.yaml records where the run was written (local_run_dir, and saved_policy inside it, absolute when
+    cache_dir was): a copied or moved run directory would otherwise be evaluated with the original's checkpoint
+    and tokenizer. A path the user set elsewhere (saved_policy outside the run) is kept.
+    """
+    saved_run_dir = Path(str(config.local_run_dir))
+    config.local_run_dir = str(run_dir)
+    for key in RUN_PATH_KEYS:
+        value = config[key]
+        if value is None:
+            continue
+        path = Path(str(value))
+        inside = [path.relative_to(base) for base in (saved_run_dir, saved_run_dir.absolute())
+                  if path.is_relative_to(base)]
+        if inside:
+            config[key] = str(run_dir / inside[0])
 
 
 # --- models --------------------------------------------------------------------------------------------------
@@ -141,37 +126,21 @@ def load_run_tokenizer(config: DictConfig):
     return tokenizer
 
 
-def load_policy(config: DictConfig, tokenizer, base: Optional[torch.nn.Module] = None) -> torch.nn.Module:
-    """The policy to evaluate: `base` (default: model.name_or_path) with saved_policy's weights.
+def policy_weights(config: DictConfig) -> Optional[weights.Weights]:
+    """The policy to evaluate: saved_policy; when that is null, in eval mode the model training started from
+    (model.load_from, as the reference model), in the sampling modes the bare model.name_or_path (None), as in the
+    original."""
+    if config.saved_policy is not None:
+        return weights.locate_in_config(config, "saved_policy")
+    print("saved_policy is null: using the base model")
+    return weights.locate_in_config(config, "model.load_from") if config.mode == "eval" else None
 
-    saved_policy may also be a Hugging Face model directory, which then replaces the base model; null keeps the
-    base model as it is.
-    """
-    location = None if config.saved_policy is None else resolve_path(str(config.saved_policy), config.cache_dir)
-    if location is not None and location.is_dir():
-        print(f"loading the policy from the Hugging Face model directory {location}")
-        hf_model = OmegaConf.merge(config.model, {"name_or_path": str(location), "from_config": False})
-        return load_causal_lm(hf_model, config.model.policy_dtype, config.seed)
-    policy = base if base is not None else load_causal_lm(config.model, config.model.policy_dtype, config.seed)
-    if location is None:
-        print("saved_policy is null: using the base model")
-        return policy
-    grow_embeddings(policy, len(tokenizer))  # a run that added tokens saved grown embeddings
-    info = load_weights(policy, location)
-    print(f"loaded the policy from {location} (trained on {info['step_idx']} examples)")
+
+def load_policy(config: DictConfig, tokenizer) -> torch.nn.Module:
+    located = policy_weights(config)
+    policy = weights.load_model(located, config.model, config.model.policy_dtype, config.seed, len(tokenizer))
+    print(f"policy: {located.path if located is not None else config.model.name_or_path}")
     return policy
-
-
-def load_companion_weights(trainer, config: DictConfig) -> None:
-    """Loads the files saved beside saved_policy's policy.pt into the trainer's other modules (PPO's v_head.pt)."""
-    location = None if config.saved_policy is None else resolve_path(str(config.saved_policy), config.cache_dir)
-    if location is None:
-        return
-    checkpoint_dir = location if location.is_dir() else location.parent
-    for filename, module in trainer.checkpoint_modules().items():
-        if filename != POLICY and (checkpoint_dir / filename).exists():
-            load_weights(module, checkpoint_dir / filename)
-            print(f"loaded {filename} from {checkpoint_dir}")
 
 
 # --- modes ---------------------------------------------------------------------------------------------------
@@ -249,22 +218,28 @@ def run_eval(config: DictConfig, tokenizer) -> Path:
     device = eval_device()
     loader = build_eval_loader(config, tokenizer, config.model.eval_batch_size)
     trainer_cls = resolve_class(config.loss.trainer, "trainers")
-    policy, reference = build_models(config, device, len(tokenizer))
-    # saved_policy holds the causal LM's weights; the trainer's wrapper (PPO's value head) goes around it after.
-    policy = trainer_cls.wrap_policy(load_policy(config, tokenizer, base=policy)).to(device)
+    located = policy_weights(config)
+    policy, reference = build_models(config, device, len(tokenizer), trainer_cls.wrap_policy, policy_weights=located)
     trainer = trainer_cls(tokenizer, config, None, loader, policy, reference, rank=0, world_size=1, device=device)
-    load_companion_weights(trainer, config)
+    if located is not None:
+        for name in weights.load_companions(trainer.checkpoint_modules(), located):  # PPO's v_head.pt
+            print(f"loaded {name} from {located.directory}")
     metrics = trainer.evaluate()
-    print(f"eval metrics: {formatted_dict(metrics)}")
+    print(f"eval metrics: {format_metrics(metrics)}")
     output = Path(config.samples_dir) / f"{config.exp_name}.eval.json"
     write_json(output, {"evaluated_at": str(datetime.now()), "config": plain_config(config), "metrics": metrics})
     return output
 
 
-def run(config: DictConfig) -> Path:
-    """Runs eval.py's `config.mode` on a composed run config and returns the file it wrote."""
-    check_config(config)
+def run(config: DictConfig, run_dir: Optional[Path] = None, command_line_keys: Iterable[str] = ()) -> Path:
+    """Runs eval.py's `config.mode` on a run's saved config (with the command line's overrides) and returns the file
+    it wrote. `run_dir` is the directory the config was read from: the run's paths are taken inside it."""
+    if run_dir is not None:
+        relocate_run(config, run_dir)
+    for warning in validate_eval_config(config, command_line_keys):
+        print(f"warning: {warning}")
     print(OmegaConf.to_yaml(config))
+    print(choose_cpu_threads())
     transformers.set_seed(config.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     tokenizer = load_run_tokenizer(config)
@@ -279,20 +254,16 @@ def run(config: DictConfig) -> Path:
 
 @hydra.main(version_base=None, config_path=None, config_name="config")
 def main(config: DictConfig) -> None:
+    hydra_config = HydraConfig.get()
+    run_dir = next(Path(source.path) for source in hydra_config.runtime.config_sources if source.provider == "main")
+    route_project_logs()
     try:
-        run(config)
+        run(config, run_dir, {override_key(o) for o in hydra_config.overrides.task})
     except HalosError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    if {"-h", "--help"} & set(sys.argv) and split_config_path(sys.argv)[0] is None:
-        print(__doc__)
-        sys.exit(0)
-    try:
-        sys.argv = prepare_argv(sys.argv)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    main()
+    # With a run directory, --help is Hydra's (the run's config); without one, this module's usage.
+    start(main, prepare_argv, help_text=__doc__ if split_config_path(sys.argv)[0] is None else None)

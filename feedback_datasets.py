@@ -3,7 +3,7 @@
 Every `get_<name>(split, local_path=None)` returns a `Dataset` whose Examples hold the prompt as messages and each
 response as the assistant's bare text; the dataloader formats them with the run's prompt format (the original's
 four prefix strings, byte for byte as before, or a chat template). `local_path` points at a local mirror of the
-hub repository (see `data_sources.load_split`). Each loader counts the rows it reads and drops (with the reason),
+hub repository (see `feedback.sources.load_split`). Each loader counts the rows it reads and drops (with the reason),
 for the data report. Any data problem raises `DataError`.
 
 Differences from the original:
@@ -32,9 +32,9 @@ from typing import Any, Iterable, Optional
 
 from tqdm import tqdm
 
-from data_model import DataError, Dataset, Example, Message
-from data_sources import load_split, require_columns
-from feedback_rows import split_conversation
+from feedback.examples import DataError, Dataset, Example, Message
+from feedback.rows import split_conversation
+from feedback.sources import load_split, require_columns
 
 HH_RESPONSE_MARKER = "\n\nAssistant: "
 HH_TURN_MARKER = re.compile(r"\s*(Human:|Assistant:)\s+")

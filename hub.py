@@ -1,7 +1,9 @@
-"""Fast checks of whether the Hugging Face Hub can be used, and a switch to the local cache.
+"""Fast checks of whether the Hugging Face Hub (or another server, e.g. wandb's) can be reached, and a switch to
+the local cache.
 
-`datasets`, `transformers` and `huggingface_hub` retry unreachable hosts for tens of seconds before
-failing, so callers probe the endpoint first and fall back to the local cache when it is down.
+`datasets`, `transformers`, `huggingface_hub` and `wandb` retry unreachable hosts for tens of seconds or minutes
+before failing, so callers probe the endpoint first and fall back (to the local cache, to offline logging) when it is
+down.
 """
 import contextlib
 import functools
@@ -25,7 +27,13 @@ def hub_reachable(timeout_s: float = 5.0) -> bool:
     The endpoint is `huggingface_hub.constants.ENDPOINT` (`HF_ENDPOINT`, default
     https://huggingface.co). The result is cached per process and endpoint.
     """
-    host, port = _endpoint_address(huggingface_hub.constants.ENDPOINT)
+    return endpoint_reachable(huggingface_hub.constants.ENDPOINT, timeout_s)
+
+
+def endpoint_reachable(url: str, timeout_s: float) -> bool:
+    """Whether a TCP connection to the host of `url` (e.g. https://api.wandb.ai) opens within `timeout_s` seconds;
+    cached per process, host and port."""
+    host, port = _endpoint_address(url)
     return _can_connect(host, port, timeout_s)
 
 

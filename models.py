@@ -1,13 +1,15 @@
 """Building the policy, reference model and tokenizer from a `model` config."""
 import os
-from typing import Any, Callable, List, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
+import transformers.utils
 from omegaconf import DictConfig
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from hub import hub_reachable
 from errors import HalosError
+from hub import hub_reachable
 from utils import disable_dropout
 
 
@@ -29,7 +31,7 @@ def from_pretrained(load: Callable[..., Any], name_or_path: str, key: str, **kwa
         kwargs["local_files_only"] = True
     try:
         return load(name_or_path, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # a missing, unreachable or corrupt model
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "" if os.path.isdir(name_or_path) else " (the hub is unreachable and it is not in the local cache)" \
             if kwargs.get("local_files_only") else ""
@@ -63,15 +65,46 @@ def control_tokens(loss_config: DictConfig) -> List[str]:
     return [t for t in (loss_config.get("chosen_control_token"), loss_config.get("rejected_control_token")) if t]
 
 
-def load_causal_lm(model_config: DictConfig, dtype: str, seed: int) -> PreTrainedModel:
-    """A causal LM in `dtype` with dropout disabled.
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4",
+                             "flex_attention")
+
+
+def attention_implementation(model_config: DictConfig) -> str:
+    """The attention kernel a model is built with: model.attn_implementation when set, else flash_attention_2 with
+    model.use_flash_attention (the original's switch), else PyTorch's sdpa."""
+    if model_config.get("attn_implementation"):
+        return str(model_config.attn_implementation)
+    return "flash_attention_2" if model_config.use_flash_attention else "sdpa"
+
+
+def attention_unavailable(implementation: str) -> Optional[str]:
+    """Why `implementation` cannot run on this machine (the package or device it needs), or None when it can.
+
+    Checked before anything loads: transformers itself only fails when the model is built, after the data has.
+    """
+    if implementation in ("eager", "sdpa"):
+        return None
+    version = implementation.removeprefix("flash_attention_")
+    if version in ("2", "3", "4"):
+        available = getattr(transformers.utils, f"is_flash_attn_{version}_available")()
+        package = "flash-attn" if version == "2" else f"flash-attn {version}"
+        return None if available else f"{implementation} needs the {package} package and a CUDA GPU"
+    if implementation == "flex_attention":
+        return None if transformers.utils.is_torch_flex_attn_available() else "flex_attention needs a newer torch"
+    return (f"'{implementation}' is not an attention implementation (expected one of "
+            f"{', '.join(ATTENTION_IMPLEMENTATIONS)})")
+
+
+def load_causal_lm(model_config: DictConfig, dtype: str, seed: int,
+                   key: str = "model.name_or_path") -> PreTrainedModel:
+    """A causal LM in `dtype` with dropout disabled; `key` is the config key named when it cannot be loaded.
 
     With `model.from_config` the architecture comes from name_or_path's config.json and the weights are random,
     drawn from a generator seeded with `seed`: the policy and reference model built this way are identical.
     """
     trust_remote_code = trusts_remote_code(model_config)
     kwargs = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
-                  attn_implementation="flash_attention_2" if model_config.use_flash_attention else "sdpa")
+                  attn_implementation=attention_implementation(model_config))
     if model_config.from_config:
         config = from_pretrained(AutoConfig.from_pretrained, model_config.name_or_path, "model.name_or_path",
                                  trust_remote_code=trust_remote_code)
@@ -79,8 +112,7 @@ def load_causal_lm(model_config: DictConfig, dtype: str, seed: int) -> PreTraine
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, **kwargs)
     else:
-        model = from_pretrained(AutoModelForCausalLM.from_pretrained, model_config.name_or_path,
-                                "model.name_or_path", **kwargs)
+        model = from_pretrained(AutoModelForCausalLM.from_pretrained, model_config.name_or_path, key, **kwargs)
     disable_dropout(model)
     return model
 

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 
 import distributed
 from errors import HalosError
-from prompt_format import config_fingerprint
+from feedback.prompt_format import config_fingerprint
 from utils import IGNORE_INDEX
 
 CACHE_FORMAT_VERSION = 1

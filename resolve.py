@@ -4,7 +4,7 @@ import importlib
 import inspect
 import os
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from errors import ConfigError
 
@@ -22,7 +22,12 @@ def resolve_class(spec: str, default_module: str) -> type:
     return found
 
 
+def candidate_paths(value: str, cache_dir: str) -> List[Path]:
+    """Where a path from the config may be, in lookup order: absolute as given, else under cache_dir, then relative
+    to the working directory (the original only joined paths onto cache_dir)."""
+    return [Path(value)] if os.path.isabs(value) else [Path(cache_dir) / value, Path(value)]
+
+
 def resolve_path(value: str, cache_dir: str) -> Optional[Path]:
-    """An existing file for `value`: absolute as given, else under cache_dir, else relative to the working dir."""
-    candidates = [Path(value)] if os.path.isabs(value) else [Path(cache_dir) / value, Path(value)]
-    return next((p for p in candidates if p.exists()), None)
+    """The first of candidate_paths(value, cache_dir) that exists, or None."""
+    return next((p for p in candidate_paths(value, cache_dir) if p.exists()), None)

@@ -10,7 +10,7 @@ status 143/130 (see docs/checkpoints.md).
 """
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import hydra
 import torch
@@ -21,77 +21,94 @@ from omegaconf import DictConfig, OmegaConf
 import checkpoints
 import distributed
 from builders import build_models, build_train_and_eval_loaders, init_wandb
+from cli import override_key, prepare_train_argv, start, train_help
 from configuration import validate_train_config
+from console import route_project_logs
+from errors import HalosError
 from models import control_tokens, load_tokenizer
 from resolve import resolve_class
 from trainers import TrainingInterrupted
-from errors import HalosError
 from utils import register_resolvers
 
 register_resolvers()
 
 
 def prepare_run(config: DictConfig) -> Optional[checkpoints.ResumePoint]:
-    """Makes the run directory ready (failing now if cache_dir is unwritable), undoes what an interrupted save left
-    in it, and returns the checkpoint to resume from (resume_from), if any."""
+    """Undoes what an interrupted save left in an existing run directory, proves the run directory writable
+    (creating nothing: a run that fails its checks leaves no directory behind), and returns the checkpoint to resume
+    from (resume_from), if any."""
     run_dir = Path(config.local_run_dir)
     if distributed.is_main_process():
-        checkpoints.prepare_run_dir(run_dir)
+        checkpoints.check_run_dir_writable(run_dir)
         checkpoints.recover_interrupted_saves(run_dir)
     distributed.barrier()
     return checkpoints.find_resume_point(config)
 
 
-def train(config: DictConfig, loss_choice: str, search_dirs: Sequence[str] = ()) -> Path:
+def create_run_dir(config: DictConfig, tokenizer) -> None:
+    """The run directory with the resolved config.yaml and the tokenizer (eval.py reads both; the tokenizer with
+    csft's control tokens). Made once the config, the data and the models have loaded without error."""
+    if distributed.is_main_process():
+        run_dir = Path(config.local_run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(config, run_dir / "config.yaml")
+        tokenizer.save_pretrained(run_dir)
+    distributed.barrier()
+
+
+def train(config: DictConfig, loss_choice: str, search_dirs: Sequence[str] = (),
+          command_line_keys: Iterable[str] = ()) -> Path:
     """Runs training and returns the directory of the final checkpoint.
 
     `loss_choice` names the loss config (config/loss/<name>.yaml); `search_dirs` are extra config directories
-    (hydra.searchpath) where users keep their own loss configs.
+    (hydra.searchpath) where users keep their own loss configs; `command_line_keys` are the keys the command line
+    set (what the user asked for explicitly, e.g. model.use_flash_attention).
     """
-    for warning in validate_train_config(config, loss_choice, distributed.world_size(), search_dirs):
+    for warning in validate_train_config(config, loss_choice, distributed.world_size(), search_dirs,
+                                         command_line_keys):
         distributed.rank0_print(f"warning: {warning}")
     run_dir = Path(config.local_run_dir)
     if config.saved_policy is None:
-        config.saved_policy = str(run_dir / "LATEST" / "policy.pt")
+        config.saved_policy = str(run_dir / checkpoints.LATEST)
     resume = prepare_run(config)
     if resume is not None and resume.state["finished"]:  # e.g. a requeued job whose run had already finished
         distributed.rank0_print(f"{resume.directory} holds this run's final checkpoint "
                                 f"({resume.state['example_counter']} examples): nothing to resume")
         return resume.directory
-    # The data is read, formatted, tokenised and checked before anything is written to the run directory, so a bad
-    # row or chat template stops the run without leaving a config.yaml behind.
-    tokenizer = load_tokenizer(config.model, control_tokens(config.loss))
-    train_loader, eval_loader = build_train_and_eval_loaders(config, tokenizer)
-    if distributed.is_main_process():
-        OmegaConf.save(config, run_dir / "config.yaml")
-        print(OmegaConf.to_yaml(config))
-        tokenizer.save_pretrained(run_dir)  # eval.py reads it (with csft's control tokens) from the run directory
+    distributed.rank0_print(OmegaConf.to_yaml(config))
+    distributed.rank0_print(distributed.choose_cpu_threads())
     transformers.set_seed(config.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
 
+    tokenizer = load_tokenizer(config.model, control_tokens(config.loss))
+    train_loader, eval_loader = build_train_and_eval_loaders(config, tokenizer)
     device = distributed.device()
     trainer_cls = resolve_class(config.loss.trainer, "trainers")
     policy, reference = build_models(config, device, len(tokenizer), trainer_cls.wrap_policy)
     if distributed.is_main_process():
         checkpoints.check_free_space(run_dir, policy)
+    create_run_dir(config, tokenizer)
     wandb_run_id = resume.state["wandb_run_id"] if resume is not None else None
     trainer = trainer_cls(tokenizer, config, train_loader, eval_loader, policy, reference,
                           rank=distributed.rank(), world_size=distributed.world_size(), device=device,
                           log_to_wandb=distributed.is_main_process() and init_wandb(config, wandb_run_id))
     trainer.train(resume.directory if resume is not None else None)
-    checkpoint_dir = trainer.save()
+    checkpoint_dir = trainer.save_checkpoint("final")
     if trainer.log_to_wandb:
         import wandb
 
         wandb.finish()
+    distributed.rank0_print(f"next: python eval.py --config-path={run_dir} ++mode=sample  (samples the policy; "
+                            "docs/evaluation.md)")
     return checkpoint_dir
 
 
-def train_or_exit(config: DictConfig, loss_choice: str, search_dirs: Sequence[str]) -> None:
+def train_or_exit(config: DictConfig, loss_choice: str, search_dirs: Sequence[str],
+                  command_line_keys: Sequence[str]) -> None:
     """train() in this process; a user error ends the process with one line on stderr and exit status 1, a stop by
     SIGTERM/SIGINT (after writing a resumable checkpoint) with 128 + the signal's number."""
     try:
-        train(config, loss_choice, search_dirs)
+        train(config, loss_choice, search_dirs, command_line_keys)
     except TrainingInterrupted as e:
         print(str(e), file=sys.stderr)
         sys.exit(e.exit_code)
@@ -104,13 +121,15 @@ def train_or_exit(config: DictConfig, loss_choice: str, search_dirs: Sequence[st
 def main(config: DictConfig) -> None:
     hydra_config = HydraConfig.get()
     search_dirs = [p.removeprefix("file://") for p in hydra_config.searchpath if p.startswith("file://")]
+    command_line_keys = sorted({override_key(o) for o in hydra_config.overrides.task})
+    route_project_logs()
     try:
         distributed.launch(train_or_exit, config, hydra_config.runtime.choices.get("loss"), search_dirs,
-                           use_fsdp=config.use_fsdp, port=config.fsdp_port)
+                           command_line_keys, use_fsdp=config.use_fsdp, port=config.fsdp_port)
     except HalosError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    main()
+    start(main, prepare_train_argv, help_text=train_help(__doc__))

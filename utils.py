@@ -1,7 +1,7 @@
 """Small tensor and formatting helpers shared by trainers, models and scripts."""
 import itertools
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -199,11 +199,6 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0
-
-
-def formatted_dict(d: Mapping[str, float]) -> Dict[str, str]:
-    """Floats rendered with 5 significant digits, for printing metrics."""
-    return {k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in d.items()}
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:

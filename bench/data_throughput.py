@@ -31,8 +31,8 @@ from transformers import AutoTokenizer  # noqa: E402
 
 import dataloader  # noqa: E402
 from dataloader import DataSpec, LoaderOptions, PairedPreferenceDataLoader, SFTDataLoader  # noqa: E402
-from prompt_format import ChatTemplateFormat, PrefixFormat  # noqa: E402
-from tokenization import Encoder  # noqa: E402
+from feedback.prompt_format import ChatTemplateFormat, PrefixFormat  # noqa: E402
+from feedback.tokenization import Encoder  # noqa: E402
 
 BUNDLED_HH = str(REPO_ROOT / "data" / "hh-rlhf")
 OPTIONS = LoaderOptions(batch_size=8, n_epochs=1, max_length=256, max_prompt_length=128, seed=1)

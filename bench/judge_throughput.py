@@ -16,10 +16,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
 
-from judging.engine import ChatEngine, EngineSettings, Endpoint, run_engines  # noqa: E402
-from judging.protocol import PromptFormat, shown_orders  # noqa: E402
 from judge_server import JudgeServer  # noqa: E402
+from judging.engine import ChatEngine, EngineSettings, Endpoint, run_engines  # noqa: E402
 from judging.judgments import JudgingPlan, plan_comparisons  # noqa: E402
+from judging.protocol import PromptFormat, shown_orders  # noqa: E402
 from judging.sample_formats import PairSet  # noqa: E402
 
 JUDGE = "loopback-judge"

@@ -37,9 +37,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import trainers  # noqa: E402
-from configuration import validate_train_config  # noqa: E402
 from bench.memory import TensorMemoryTracker  # noqa: E402
 from builders import build_dataloader  # noqa: E402
+from configuration import validate_train_config  # noqa: E402
 from dataloader import CHOSEN_KEYS, KL_KEYS, PROMPT_KEYS, REJECTED_KEYS, STATUS_KEY, TARGET_KEYS  # noqa: E402
 from models import load_tokenizer  # noqa: E402
 from reference_cache import CachedReference, LogpStore  # noqa: E402

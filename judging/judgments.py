@@ -7,9 +7,9 @@ its content (`judging.engine.request_key`), looked up in the judgments file, and
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from judging.cache import JudgmentCache, reply_record
 from judging.engine import ChatEngine, ChatReply, ChatRequest, EngineSettings, Endpoint, request_key, run_engines
 from judging.protocol import build_messages, first_margin, max_tokens_for
-from judging.cache import JudgmentCache, reply_record
 from judging.sample_formats import PairSet
 
 

@@ -18,8 +18,8 @@ from losses.checks import (CLOSED_HALF, HALF_OPEN_HALF, NONNEGATIVE, OPEN_UNIT, 
 from losses.likelihood import log_odds, mean_logps, sft_loss  # noqa: F401
 from losses.outputs import KTOLossOutput, LossOutput  # noqa: F401
 from losses.paired import (apo_down_loss, apo_zero_loss, bco_pair_loss, cdpo_loss, dpo_loss,  # noqa: F401
-                           dpo_norm_loss, hinge_loss, ipo_loss, nca_loss, orpo_loss, paired_reward_accuracies, rdpo_loss, simpo_loss,
-                           slic_loss, sppo_hard_loss)
+                           dpo_norm_loss, hinge_loss, ipo_loss, nca_loss, orpo_loss, paired_reward_accuracies,
+                           rdpo_loss, simpo_loss, slic_loss, sppo_hard_loss)
 from losses.policy_gradient import (GAEOutput, PolicyLossOutput, PPOLossOutput, entropy_from_logits,  # noqa: F401
                                     gae_advantages, masked_mean, masked_var, ppo_critic_loss, ppo_loss,
                                     ppo_policy_loss, whiten)

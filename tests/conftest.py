@@ -7,6 +7,10 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                   TOKENIZERS_PARALLELISM="false", WANDB_SILENT="true")
+# One intra-op thread in this process and every process a test starts. The tests compare runs bit for bit (a run
+# with its resumed copy, a CLI run with an in-process one), and a kernel's float sums are split by thread count,
+# which train.py otherwise picks from the machine's load (distributed.choose_cpu_threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 

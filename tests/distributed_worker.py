@@ -17,9 +17,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import distributed
 import trainers
-from checkpoints import load_checkpoint
 from train import train
 from utils import REPO_ROOT
+from weights import read_policy_state
 
 PROBE_IDS = torch.arange(2, 50).reshape(3, 16)  # (3, 16) token ids the saved policy is probed with
 STEP_IDS = torch.arange(7, 87).reshape(4, 20)  # (4, 20) token ids of the global batch of resume_observations
@@ -36,8 +36,8 @@ class StepRecorder:
                 f.write(json.dumps(means) + "\n")
         super().log_train_metrics(metrics, progress)
 
-    def save(self, output_dir=None, metrics=None) -> Path:
-        output_dir = super().save(output_dir, metrics)
+    def save_checkpoint(self, kind: str) -> Path:
+        output_dir = super().save_checkpoint(kind)
         self.policy.eval()
         with torch.no_grad():  # every rank takes part: a sharded forward gathers each block's weights
             logits = self.policy(PROBE_IDS.to(self.device), use_cache=False).logits
@@ -188,7 +188,7 @@ def two_process_session(cache_dir: Path, runs: Sequence[Tuple[str, str, Sequence
 def compare_runs(one_dir: Path, other_dir: Path) -> Dict[str, float]:
     """Largest absolute differences between two recorded runs: per-step train loss and grad norm, final weights."""
     steps = list(zip(read_steps(one_dir), read_steps(other_dir)))
-    one_weights, other_weights = (load_checkpoint(d / "LATEST" / "policy.pt")["state"] for d in (one_dir, other_dir))
+    one_weights, other_weights = (read_policy_state(d / "LATEST") for d in (one_dir, other_dir))
     return {"steps": len(steps),
             **{f"max |diff| {key}": max(abs(a[key] - b[key]) for a, b in steps) for key in ("loss/train", "grad_norm")},
             "max |diff| weights": max((one_weights[k] - other_weights[k]).abs().max().item() for k in one_weights)}

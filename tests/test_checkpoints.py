@@ -16,17 +16,20 @@ import torch
 from hydra import compose, initialize_config_dir
 from transformers import AutoModelForCausalLM
 
+import checkpointer
 import checkpoints
 import distributed
+import train as train_module
 import trainers
 from builders import build_models
+from checkpointer import Checkpointer, TrainingState
 from checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from configuration import ConfigError, validate_train_config
 from dataloader import DataSpec, LoaderOptions, SFTDataLoader
-from models import load_causal_lm
-import train as train_module
-from train import prepare_run, train
 from errors import HalosError
+from models import load_causal_lm, load_tokenizer
+from train import prepare_run, train
+from weights import read_policy_state
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROBE_IDS = torch.arange(2, 50).reshape(3, 16)  # (3, 16) token ids to compare logits on
@@ -35,7 +38,7 @@ PROBE_IDS = torch.arange(2, 50).reshape(3, 16)  # (3, 16) token ids to compare l
 RUN = ("loss=sft", "model=tiny", "datasets=[hh]", "mode=train", "wandb.enabled=false", "lr=1e-3", "warmup_steps=2",
        "n_epochs=null", "n_examples=32", "n_eval_examples=4", "eval_every=8", "model.batch_size=4",
        "model.eval_batch_size=4", "model.gradient_accumulation_steps=2", "model.max_length=64",
-       "model.max_prompt_length=32", "minimum_log_interval_secs=0", "checkpoint_every=8",
+       "model.max_prompt_length=32", "minimum_log_interval_secs=0", "print_interval_secs=0", "checkpoint_every=8",
        "intermediate_checkpoints=true", "keep_last_checkpoints=2")
 
 
@@ -46,7 +49,7 @@ def compose_run(cache_dir: Path, exp_name: str, *overrides: str):
 
 
 def weights(checkpoint_dir: Path) -> dict:
-    return load_checkpoint(checkpoint_dir / checkpoints.POLICY)["state"]
+    return read_policy_state(checkpoint_dir)
 
 
 def max_abs_diff(a: dict, b: dict) -> float:
@@ -75,9 +78,12 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
 
 def test_uninterrupted_run_writes_the_final_layout(uninterrupted):
     latest = uninterrupted / "LATEST"
-    assert {p.name for p in latest.iterdir()} >= {"policy.pt", "trainer_state.pt", "config.json", "model.safetensors",
+    assert {p.name for p in latest.iterdir()} >= {"trainer_state.pt", "config.json", "model.safetensors",
                                                    "generation_config.json", "tokenizer.json"}
+    assert not (latest / "policy.pt").exists(), "the weights are stored once, in the Hugging Face export"
     assert not (latest / "optimizer.pt").exists(), "a finished run keeps no optimizer state"
+    step_24 = uninterrupted / "step-24"
+    assert (step_24 / "policy.pt").exists() and not (step_24 / "config.json").exists()
     state = checkpoints.read_trainer_state(latest)
     assert state["finished"] and (state["example_counter"], state["update_counter"]) == (32, 4)
     assert [p.name for p in checkpoints.step_dirs(uninterrupted)] == ["step-16", "step-24"]  # keep_last_checkpoints=2
@@ -117,7 +123,7 @@ def run_cli(cache_dir: Path, *overrides: str) -> subprocess.Popen:
 def test_sigterm_stops_after_a_resumable_checkpoint_that_resumes_bitwise(uninterrupted, tmp_path):
     process = run_cli(tmp_path)
     for line in process.stdout:  # logged at each optimizer step: after 8, 16, 24 and 32 examples
-        if line.startswith("train stats after 8 examples"):
+        if line.startswith("train after 8 examples"):
             process.send_signal(signal.SIGTERM)
             break
     _, stderr = process.communicate(timeout=120)
@@ -139,7 +145,7 @@ def test_repeated_sigkills_at_random_moments_then_resume_match_bitwise(uninterru
         process = run_cli(tmp_path, "resume_from=auto")
         steps, logged = rng.randint(1, 2), 0
         for line in process.stdout:  # killed `steps` optimizer steps into its training, plus a random delay
-            logged += line.startswith("train stats after")
+            logged += line.startswith("train after")
             if logged == steps:
                 break
         delay = rng.uniform(0, 0.3)
@@ -203,16 +209,36 @@ def test_train_py_puts_back_a_checkpoint_left_aside_by_a_crash_before_resuming(u
     assert not list((tmp_path / "run").glob(".LATEST.*"))
 
 
-def test_hf_export_loads_with_from_pretrained_and_gives_identical_logits(uninterrupted):
-    latest = uninterrupted / "LATEST"
-    config = compose_run(uninterrupted.parent, "run")
-    trained = load_causal_lm(config.model, "float32", config.seed)
-    checkpoints.load_weights(trained, latest / "policy.pt")
-    exported = AutoModelForCausalLM.from_pretrained(latest)
-    with torch.no_grad():
-        expected = trained(PROBE_IDS, use_cache=False).logits
-        assert torch.equal(exported(PROBE_IDS, use_cache=False).logits, expected)
-    assert oct((latest / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
+def checkpoint_of(model: torch.nn.Module, kind: str, cache_dir: Path, *overrides: str) -> Path:
+    """A checkpoint of `kind` written by the Checkpointer for `model` (after 8 examples, no optimizer step)."""
+    config = compose_run(cache_dir, "run", *overrides)
+    validate_train_config(config, "sft")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    values = {"example_counter": 8, "batch_counter": 2, "update_counter": 1, "last_eval_at": 8,
+              "last_eval_metrics": {"loss/eval": 1.5}, "wandb_run_id": None}
+    state = TrainingState({checkpoints.POLICY: model}, model, optimizer, scheduler, values)
+    return Checkpointer(config, load_tokenizer(config.model)).save(state, kind)
+
+
+@pytest.mark.parametrize("kind, overrides", [("final", ()), ("intermediate", ()),
+                                             ("resumable", ("export_intermediate=true",))])
+def test_every_checkpoint_holds_the_weights_once_and_they_are_the_models(kind, overrides, tmp_path):
+    """The final checkpoint (and with export_intermediate every one) is a Hugging Face model directory giving the
+    model's logits bit for bit; the others hold a policy.pt with its state dict. Never both."""
+    config = compose_run(tmp_path, "run")
+    model = load_causal_lm(config.model, "float32", config.seed)
+    directory = checkpoint_of(model, kind, tmp_path, *overrides)
+    assert directory.name == ("step-8" if kind == "intermediate" else "LATEST")
+    exported = kind != "intermediate"
+    assert (directory / "model.safetensors").exists() == exported and (directory / "policy.pt").exists() != exported
+    assert checkpoints.checkpoint_info(directory) == {"step_idx": 8, "metrics": {"loss/eval": 1.5}}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in read_policy_state(directory).items())
+    if exported:
+        with torch.no_grad():
+            logits = AutoModelForCausalLM.from_pretrained(directory)(PROBE_IDS, use_cache=False).logits
+            assert torch.equal(logits, model(PROBE_IDS, use_cache=False).logits)
+        assert oct((directory / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
 
 
 def current_umask() -> int:
@@ -280,9 +306,9 @@ def test_too_little_disk_space_fails_before_training(tmp_path, monkeypatch):
 
 
 def test_resume_auto_after_the_end_does_nothing(uninterrupted):
-    before = (uninterrupted / "LATEST" / "policy.pt").stat().st_mtime_ns
+    before = (uninterrupted / "LATEST" / "model.safetensors").stat().st_mtime_ns
     assert train(compose_run(uninterrupted.parent, "run", "resume_from=auto"), "sft") == uninterrupted / "LATEST"
-    assert (uninterrupted / "LATEST" / "policy.pt").stat().st_mtime_ns == before
+    assert (uninterrupted / "LATEST" / "model.safetensors").stat().st_mtime_ns == before
 
 
 def test_resume_from_refuses_finished_runs_and_changed_data_order(uninterrupted, tmp_path):
@@ -293,6 +319,7 @@ def test_resume_from_refuses_finished_runs_and_changed_data_order(uninterrupted,
     state = checkpoints.read_trainer_state(uninterrupted / "LATEST")
     state["finished"] = False
     save_checkpoint(tmp_path / "stopped" / "LATEST" / "trainer_state.pt", state, 32)
+    save_checkpoint(tmp_path / "stopped" / "LATEST" / "optimizer.pt", {}, 32)  # what makes it resumable
     config = compose_run(tmp_path, "fork", f"resume_from={tmp_path / 'stopped'}", "seed=2", "lr=1e-4")
     validate_train_config(config, "sft")
     with pytest.raises(CheckpointError, match=r"other values of seed \(1, now 2\)"):
@@ -378,11 +405,11 @@ def test_losses_with_a_reference_model_or_value_head_resume_bitwise(loss, tmp_pa
         train(compose_run(tmp_path / "b", "run", *overrides), loss)
     monkeypatch.setattr(trainers.BasicTrainer, "train_on_batch", real)
     train(compose_run(tmp_path / "b", "run", *overrides, "resume_from=auto"), loss)
-    files = ["policy.pt"] + (["v_head.pt"] if loss == "ppo" else [])
     assert checkpoints.is_hf_model_dir(tmp_path / "b" / "run" / "LATEST")  # PPO's: the causal LM alone
-    for name in files:
-        expected, resumed = (load_checkpoint(tmp_path / d / "run" / "LATEST" / name)["state"] for d in "ab")
-        assert max_abs_diff(resumed, expected) == 0.0, name
+    assert max_abs_diff(*(weights(tmp_path / d / "run" / "LATEST") for d in "ba")) == 0.0
+    if loss == "ppo":
+        expected, resumed = (load_checkpoint(tmp_path / d / "run" / "LATEST" / "v_head.pt")["state"] for d in "ab")
+        assert max_abs_diff(resumed, expected) == 0.0
 
 
 def train_in_process_group(cache_dir: Path, overrides: tuple, crash_at_batch: Optional[int]) -> None:
@@ -407,7 +434,82 @@ def test_fsdp_runs_on_two_processes_resume_bitwise(tmp_path):
         distributed.spawn(train_in_process_group, (tmp_path / "b", (), 5), n_processes=2)
     assert checkpoints.read_trainer_state(tmp_path / "b" / "run" / "LATEST")["example_counter"] == 16
     distributed.spawn(train_in_process_group, (tmp_path / "b", ("resume_from=auto",), None), n_processes=2)
-    latest = tmp_path / "b" / "run" / "LATEST"
-    assert max_abs_diff(weights(latest), weights(tmp_path / "a" / "run" / "LATEST")) == 0.0
-    exported = AutoModelForCausalLM.from_pretrained(latest).state_dict()  # written by rank 0 from the sharded model
-    assert max_abs_diff({k: exported[k] for k in weights(latest)}, weights(latest)) == 0.0
+    # Both exports were written by rank 0 from the sharded model.
+    assert max_abs_diff(weights(tmp_path / "b" / "run" / "LATEST"), weights(tmp_path / "a" / "run" / "LATEST")) == 0.0
+
+
+def test_an_exported_resumable_checkpoint_resumes_bitwise(uninterrupted, tmp_path, monkeypatch):
+    """With export_intermediate the resumable LATEST holds its weights only as a Hugging Face export, and resuming
+    reads them from there (the one weights loader, weights.py)."""
+    real = trainers.SFTTrainer.get_batch_metrics
+
+    def nan_in_batch_6(self, batch, mode):
+        loss, metrics = real(self, batch, mode)
+        return (loss * float("nan"), metrics) if mode == "train" and self.batch_counter == 5 else (loss, metrics)
+
+    monkeypatch.setattr(trainers.SFTTrainer, "get_batch_metrics", nan_in_batch_6)
+    with pytest.raises(trainers.TrainingError):
+        train(compose_run(tmp_path, "run", "export_intermediate=true"), "sft")
+    latest = tmp_path / "run" / "LATEST"
+    assert {"model.safetensors", "optimizer.pt", "trainer_state.pt"} <= {p.name for p in latest.iterdir()}
+    assert not (latest / "policy.pt").exists()
+    monkeypatch.setattr(trainers.SFTTrainer, "get_batch_metrics", real)
+    train(compose_run(tmp_path, "run", "export_intermediate=true", "resume_from=auto"), "sft")
+    assert_same_run(tmp_path / "run", uninterrupted)
+
+
+def test_an_unwritable_run_dir_mid_run_is_one_line_naming_the_last_good_checkpoint(uninterrupted, tmp_path,
+                                                                                  monkeypatch):
+    """The second resumable checkpoint cannot be written (permission denied, as when the run directory's file system
+    turns read-only): one line names the path and the last good LATEST, which stays resumable."""
+    real = checkpointer.save_checkpoint
+    refused = []
+
+    def denied_after_the_first_checkpoint(path, state, step_idx, metrics=None):
+        if step_idx >= 16:
+            refused.append(path)
+            raise PermissionError(13, "Permission denied", str(path))
+        real(path, state, step_idx, metrics)
+
+    monkeypatch.setattr(checkpointer, "save_checkpoint", denied_after_the_first_checkpoint)
+    with pytest.raises(CheckpointError) as info:
+        train(compose_run(tmp_path, "run"), "sft")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(
+        f"cannot write the checkpoint after 16 examples to {tmp_path / 'run' / 'step-16'}: Permission denied "
+        f"({refused[0]})")
+    assert f"Nothing else is lost: {tmp_path / 'run' / 'LATEST'} (after 8 examples) is the last good checkpoint" \
+        in message
+    monkeypatch.setattr(checkpointer, "save_checkpoint", real)
+    assert checkpoints.read_trainer_state(tmp_path / "run" / "LATEST")["example_counter"] == 8
+    assert not list((tmp_path / "run").glob(".*")), "a half-written checkpoint was left behind"
+    train(compose_run(tmp_path, "run", "resume_from=auto"), "sft")
+    assert_same_run(tmp_path / "run", uninterrupted)
+
+
+@pytest.mark.parametrize("content", [b"hello world\n", b"", b"PK\x03\x04 truncated zip"])
+def test_a_file_that_is_no_checkpoint_is_called_so(tmp_path, content):
+    """torch's own message for these advises retrying with weights_only=False: unsafe, and no help."""
+    (tmp_path / "policy.pt").write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "policy.pt")
+    assert str(info.value) == f"{tmp_path / 'policy.pt'} is not a checkpoint: not a complete file written by torch.save"
+    assert "weights_only" not in str(info.value)
+
+
+def test_resume_from_an_intermediate_checkpoint_says_it_holds_weights_only(uninterrupted, tmp_path):
+    config = compose_run(tmp_path, "fork", f"resume_from={uninterrupted / 'step-24'}")
+    validate_train_config(config, "sft")
+    with pytest.raises(CheckpointError, match=r"holds no resumable checkpoint \(no optimizer.pt: an intermediate "
+                                              r"checkpoint holds weights only\); start a new run from it"):
+        checkpoints.find_resume_point(config)
+
+
+def test_a_run_that_fails_its_data_or_config_checks_leaves_no_run_dir(tmp_path):
+    bad_rows = tmp_path / "bad.jsonl"
+    bad_rows.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b"}\n{"prompt": "hi"}\n')
+    with pytest.raises(HalosError, match="bad.jsonl"):
+        train(compose_run(tmp_path / "cache", "run", "datasets=[mine]", f"++local_datasets.mine={bad_rows}"), "sft")
+    with pytest.raises(ConfigError):
+        train(compose_run(tmp_path / "cache", "run", "lr=-1"), "sft")
+    assert not (tmp_path / "cache").exists()

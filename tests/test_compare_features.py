@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 import compare
-from judging.outputs import win_rate_figure
-from judging.summary import StatsSettings, combine_margins, position_summary, usage_summary, win_rates
 from judge_server import (STRONG_MARKER, TIE_REPLY, WINNER_MARKER, JudgeServer, contrarian_judge, first_shown_judge,
                           graded_marker_judge, marker_judge, word_count)
 from judging.judgments import Verdict
+from judging.outputs import win_rate_figure
+from judging.stats import clopper_pearson_interval
+from judging.summary import StatsSettings, combine_margins, position_summary, usage_summary, win_rates
 from test_compare import (SAMPLE_COUNT, api_environment, fast_flags, judgments_path, make_sample,  # noqa: F401
                           read_jsonl, run_compare, sample_of, server, write_sample_file)
-from judging.stats import clopper_pearson_interval
 
 
 def judge_report(result: dict, judge: str = "gpt-4-0613") -> dict:

@@ -6,7 +6,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from configuration import CONFIG_DIR, ConfigError, validate_train_config
+from configuration import CONFIG_DIR, ConfigError, validate_eval_config, validate_train_config
+from models import attention_implementation, attention_unavailable
 
 BASE = ("loss=sft", "model=tiny", "datasets=[hh]", "exp_name=t", "mode=train")
 
@@ -106,3 +107,56 @@ def test_every_config_key_is_read_by_the_code():
     for path in (CONFIG_DIR / "config.yaml", CONFIG_DIR / "model" / "base_model.yaml"):
         for key in set(yaml.safe_load(path.read_text())) - {"defaults", "hydra"}:
             assert re.search(rf"\b{key}\b", source), f"{path.name}: '{key}' is never read"
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("../escaped", "exp_name: '../escaped' is not a run name"), ("''", "exp_name: '' is not a run name"),
+    (".", "exp_name: '.' is not a run name"), ("a/b", "exp_name: 'a/b' is not a run name"),
+    ("-x", "exp_name: '-x' is not a run name"),
+    ("wandb", "exp_name: 'wandb' is the name of a directory HALOs keeps in cache_dir"),
+])
+def test_a_run_name_is_one_plain_directory_name(compose_config, name, expected):
+    base = [b for b in BASE if not b.startswith("exp_name")]
+    assert expected in problems_of(compose_config(*base, f"exp_name={name}"))
+
+
+def test_run_names_of_the_original_still_pass(compose_config):
+    for name in ("archangel_sft+kto_llama7b", "llama7b_sft", "run-2.1", "7"):
+        validate_train_config(compose_config(*[b for b in BASE if not b.startswith("exp_name")], f"exp_name={name}"),
+                              "sft")
+
+
+def test_local_run_dir_may_not_be_cache_dir_itself(compose_config, tmp_path):
+    message = problems_of(compose_config(*BASE, f"cache_dir={tmp_path}", f"local_run_dir={tmp_path}/."))
+    assert f"local_run_dir: {tmp_path}/. is cache_dir itself" in message
+
+
+@pytest.mark.parametrize("seed", ["abc", "-1", "1.5", "4294967296", "true"])
+def test_seed_is_an_integer_numpy_accepts(compose_config, seed):
+    assert "seed: expected an integer from 0 to 4294967295" in problems_of(compose_config(*BASE, f"seed={seed}"))
+
+
+@pytest.mark.skipif(attention_unavailable("flash_attention_2") is None, reason="flash-attention is available here")
+def test_a_preset_asking_for_flash_attention_falls_back_to_sdpa_before_anything_loads(compose_config):
+    config = compose_config("loss=sft", "model=llama7b", "datasets=[hh]", "exp_name=t", "mode=train")
+    assert config.model.use_flash_attention
+    warnings = validate_train_config(config, "sft")
+    assert warnings == ["model.use_flash_attention: flash_attention_2 needs the flash-attn package and a CUDA GPU, "
+                        "which this machine lacks; using sdpa attention instead"]
+    assert attention_implementation(config.model) == "sdpa" and not config.model.use_flash_attention
+    explicit = compose_config("loss=sft", "model=llama7b", "datasets=[hh]", "exp_name=t", "mode=train",
+                              "model.use_flash_attention=true")
+    with pytest.raises(ConfigError, match="drop the override to use sdpa"):
+        validate_train_config(explicit, "sft", command_line_keys=["model.use_flash_attention"])
+
+
+def test_eval_mode_uses_the_same_table_with_its_own_keys(compose_config):
+    config = compose_config(*[b for b in BASE if b != "mode=train"], "mode=sample", "n_samples=0", "top_p=2",
+                            "++lrr=1", "seed=abc")
+    with pytest.raises(ConfigError) as info:
+        validate_eval_config(config)
+    message = str(info.value)
+    for expected in ("lrr: unknown key (did you mean lr?)", "seed: expected an integer",
+                     "n_samples: expected a positive integer or null", "top_p: expected a number in (0, 1]"):
+        assert expected in message
+    assert "mode: train.py needs mode=train" not in message

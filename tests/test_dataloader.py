@@ -1,4 +1,4 @@
-"""Tests for dataloader.py and tokenization.py: tokenisation, truncation, collate, every DataLoader's batches,
+"""Tests for dataloader.py and feedback/tokenization.py: tokenisation, truncation, collate, every DataLoader's batches,
 mixing by ratio, and the data report.
 
 Toy datasets are registered as `get_<name>` functions in the dataloader module, exactly as a user would add one
@@ -24,8 +24,8 @@ from dataloader import (CHOSEN_KEYS, KL_KEYS, PROMPT_KEYS, REJECTED_KEYS, TARGET
                         DataError, Dataset, DataSpec, Example, LoaderOptions, PairedPreferenceDataLoader,
                         PrefUnaryDataLoader, ScoreUnaryDataLoader, SFTDataLoader, SimpleKTODataLoader,
                         UnpairedPreferenceDataLoader)
-from prompt_format import PrefixFormat
-from tokenization import Encoder, collate, truncate_prompt
+from feedback.prompt_format import PrefixFormat
+from feedback.tokenization import Encoder, collate, truncate_prompt
 
 REPO = Path(__file__).resolve().parent.parent
 BOS, EOS = 0, 1
@@ -510,7 +510,7 @@ def test_local_paths_reach_dataset_functions_and_named_sources(monkeypatch):
 def test_a_dataset_function_named_by_dotted_path(tmp_path, monkeypatch, tokenizer):
     """Adding a dataset needs no edit of dataloader.py: a function returning conversational Examples, anywhere."""
     (tmp_path / "my_data.py").write_text(
-        "from data_model import Dataset, Message\n"
+        "from feedback.examples import Dataset, Message\n"
         "def get_questions(split):\n"
         "    data = Dataset('questions')\n"
         "    for k in range(4):\n"

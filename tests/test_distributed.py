@@ -18,10 +18,11 @@ from omegaconf import OmegaConf
 import distributed
 import distributed_worker as worker
 from builders import build_dataloader
-from checkpoints import load_checkpoint, load_weights
-from models import load_tokenizer
+from checkpoints import checkpoint_info
 from errors import HalosError
+from models import load_tokenizer
 from utils import REPO_ROOT
+from weights import read_policy_state
 
 PAIRED_LOSSES = ("dpo", "cdpo", "rdpo", "ipo", "simpo", "orpo", "slic", "hinge", "nca", "apo-zero", "apo-down",
                  "sppo-hard", "dpo-norm", "bco-pair")
@@ -59,7 +60,7 @@ def observations(two_process_dir, rank):
 
 
 def weights(run_dir):
-    return load_checkpoint(run_dir / "LATEST" / "policy.pt")["state"]
+    return read_policy_state(run_dir / "LATEST")
 
 
 def assert_same_run(one_dir, two_dir):
@@ -70,8 +71,7 @@ def assert_same_run(one_dir, two_dir):
         torch.testing.assert_close(torch.tensor([s[key] for s in two_steps], dtype=torch.float64),
                                    torch.tensor([s[key] for s in one_steps], dtype=torch.float64),
                                    **LOSS_TOLERANCE, msg=lambda m: f"{key}: {m}")
-    one_eval = load_checkpoint(one_dir / "LATEST" / "policy.pt")["metrics"]
-    two_eval = load_checkpoint(two_dir / "LATEST" / "policy.pt")["metrics"]
+    one_eval, two_eval = (checkpoint_info(d / "LATEST")["metrics"] for d in (one_dir, two_dir))
     assert one_eval.keys() == two_eval.keys()
     for key in one_eval:
         assert two_eval[key] == pytest.approx(one_eval[key], rel=1e-6, abs=1e-5), key
@@ -132,7 +132,7 @@ def test_torchrun_sft_with_activation_checkpointing_matches_one_process(one_proc
 def test_checkpoint_from_two_processes_gives_identical_logits_in_one(two_process_dir):
     checkpoint_dir = two_process_dir / "dpo-2" / "LATEST"
     model = worker.tiny_model(torch.float64)
-    load_weights(model, checkpoint_dir / "policy.pt")
+    model.load_state_dict(read_policy_state(checkpoint_dir))
     with torch.no_grad():
         logits = model(worker.PROBE_IDS, use_cache=False).logits
     assert torch.equal(logits, torch.load(checkpoint_dir / worker.PROBE_FILE))

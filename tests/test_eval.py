@@ -1,6 +1,7 @@
 """eval.py on a tiny trained SFT run: sample files, resuming, eval metrics, the AlpacaEval export, and compare.py."""
 import json
 import math
+import shutil
 import subprocess
 import sys
 from datetime import datetime
@@ -15,11 +16,14 @@ from transformers import GenerationConfig
 import compare
 import eval as eval_py
 import sampling
-from checkpoints import load_checkpoint, load_weights
+from checkpoints import checkpoint_info
+from configuration import ConfigError
 from dataloader import DataSpec, LoaderOptions, SFTDataLoader
+from errors import HalosError
 from judge_server import JudgeServer
 from models import load_causal_lm
 from train import train
+from weights import read_policy_state
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ALPACA_FIXTURE = REPO_ROOT / "tests" / "fixtures" / "alpaca_eval"
@@ -33,7 +37,7 @@ REAL_GENERATE_BATCH = sampling.generate_batch
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A tiny SFT run trained in this process: <cache_dir>/tiny with config.yaml, LATEST/policy.pt, tokenizer."""
+    """A tiny SFT run trained in this process: <cache_dir>/tiny with config.yaml, LATEST (exported), tokenizer."""
     cache_dir = tmp_path_factory.mktemp("cache")
     with initialize_config_dir(config_dir=str(REPO_ROOT / "config"), version_base=None):
         config = compose(config_name="config", overrides=[*TRAIN, f"cache_dir={cache_dir}"])
@@ -45,7 +49,7 @@ def run_eval(run_dir: Path, *overrides: str) -> Path:
     """eval.run in this process on the run's saved config, as `eval.py --config-path=run_dir OVERRIDES` does."""
     with initialize_config_dir(config_dir=str(run_dir), version_base=None):
         config = compose(config_name="config", overrides=list(overrides))
-    return eval_py.run(config)
+    return eval_py.run(config, run_dir, {override.lstrip("+").split("=")[0] for override in overrides})
 
 
 def eval_cli(run_dir: Path, cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -161,7 +165,7 @@ def test_eval_mode_reproduces_the_final_eval_of_training(run_dir, tmp_path):
     assert all(math.isfinite(value) for value in metrics.values())
     assert metrics["loss/eval"] == pytest.approx(-metrics["logps_eval/chosen"])
     # Training evaluated the final policy on the same 8 test examples and stored the result in the checkpoint.
-    stored = load_checkpoint(run_dir / "LATEST" / "policy.pt")["metrics"]
+    stored = checkpoint_info(run_dir / "LATEST")["metrics"]
     assert metrics["loss/eval"] == pytest.approx(stored["loss/eval"], rel=1e-5)
 
 
@@ -192,7 +196,7 @@ def test_saved_policy_null_samples_the_base_model(run_dir, cli_samples, tmp_path
 def test_a_hugging_face_model_directory_as_saved_policy(run_dir, cli_samples, tmp_path):
     config = json.loads(cli_samples[1].read_text())["config"]
     model = load_causal_lm(OmegaConf.create(config["model"]), "float32", config["seed"])
-    load_weights(model, run_dir / "LATEST" / "policy.pt")
+    model.load_state_dict(read_policy_state(run_dir / "LATEST"))
     model.save_pretrained(tmp_path / "hf_policy")
     output = run_eval(run_dir, *SAMPLE,
                       f"++saved_policy={tmp_path / 'hf_policy'}", f"++samples_dir={tmp_path / 'out'}")
@@ -204,7 +208,13 @@ def test_bad_mode_is_a_one_line_error(run_dir, tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == \
-        "error: mode: expected one of sample, eval, alpacaeval (e.g. ++mode=sample), got 'train'"
+        "error: invalid config: mode: expected one of sample, eval, alpacaeval (e.g. ++mode=sample), got 'train'"
+
+
+def test_a_misspelt_key_without_plus_plus_is_the_same_one_line_error(run_dir, tmp_path):
+    result = eval_cli(run_dir, tmp_path, "mode=sample", "n_sample=3")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: invalid config: n_sample: unknown key (did you mean n_samples?)"
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -212,9 +222,13 @@ def test_bad_mode_is_a_one_line_error(run_dir, tmp_path):
     (("++mode=sample", "++n_samples=0"), "n_samples: expected a positive integer or null"),
     (("++mode=sample", "++saved_policy=no/such.pt"), "saved_policy: no/such.pt not found"),
     (("++mode=eval", "++top_p=2"), "top_p: expected a number in (0, 1]"),
+    (("++mode=sample", "++seed=abc"), "seed: expected an integer from 0 to 4294967295, got 'abc'"),
+    (("++mode=sample", "++exp_name=../elsewhere"), "exp_name: '../elsewhere' is not a run name"),
+    (("++mode=sample", "++samples_dir=config.yaml/samples"), "samples_dir: "),
 ])
 def test_bad_values_are_reported_before_anything_loads(run_dir, overrides, message):
-    with pytest.raises(eval_py.EvalError) as info:
+    overrides = tuple(o.replace("config.yaml", str(run_dir / "config.yaml")) for o in overrides)
+    with pytest.raises(ConfigError) as info:
         run_eval(run_dir, *overrides)
     assert message in str(info.value) and "\n" not in str(info.value)
 
@@ -289,6 +303,21 @@ def test_ppo_eval_mode_loads_the_value_head(tmp_path):
     train(config, "ppo")
     output = run_eval(tmp_path / "tiny", "++mode=eval", "++n_eval_examples=8", f"++samples_dir={tmp_path}")
     metrics = json.loads(output.read_text())["metrics"]
-    stored = load_checkpoint(tmp_path / "tiny" / "LATEST" / "policy.pt")["metrics"]
+    stored = checkpoint_info(tmp_path / "tiny" / "LATEST")["metrics"]
     for key in ("loss_eval/critic", "val_eval/mean", "loss_eval/total"):
         assert metrics[key] == pytest.approx(stored[key], rel=1e-5), key
+
+
+def test_a_copied_run_directory_is_evaluated_from_its_own_files(run_dir, cli_samples, tmp_path):
+    """config.yaml records absolute paths of the original run (cache_dir was absolute); a copy must not silently
+    read the original's checkpoint: with its own LATEST broken it fails, naming the copy."""
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    assert Path(saved.saved_policy).is_absolute() and saved.saved_policy.startswith(str(run_dir))
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    again = run_eval(copy, *SAMPLE, f"++samples_dir={tmp_path / 'a'}")
+    assert read_samples(again) == read_samples(cli_samples[1])
+    (copy / "LATEST" / "model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(HalosError, match=f"{copy / 'LATEST'}"):
+        run_eval(copy, *SAMPLE, f"++samples_dir={tmp_path / 'b'}")
+

@@ -16,10 +16,10 @@ import pytest
 
 import feedback_datasets as fd
 import hub
-from data_model import Message, conversation_key
-from data_sources import load_split
+from feedback.examples import Message, conversation_key
+from feedback.prompt_format import PrefixFormat
+from feedback.sources import load_split
 from feedback_datasets import DataError, Dataset, Example
-from prompt_format import PrefixFormat
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 USER, ASSISTANT = "\n<|user|>\n", "\n<|assistant|>\n"

@@ -6,10 +6,10 @@ import json
 import datasets
 import pytest
 
-from data_model import Message, conversation_key
-from data_sources import SourceSpec, read_source
+from feedback.examples import Message, conversation_key
+from feedback.rows import load_source
+from feedback.sources import SourceSpec, read_source
 from feedback_datasets import DataError
-from feedback_rows import load_source
 from test_feedback_datasets import (ASSISTANT, PLAIN, SUFFIXED, USER, fixture, formatted,  # noqa: F401
                                     isolated_datasets_cache, network_attempts, write_jsonl)
 from utils import REPO_ROOT

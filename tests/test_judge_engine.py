@@ -3,9 +3,9 @@ faults misbehaving OpenAI-compatible servers show."""
 
 import pytest
 
+from judge_server import BROKEN_BODIES, ConnectionDropper, JudgeServer, always, closed_port_url
 from judging.engine import (ChatEngine, ChatRequest, EndpointHealth, EngineSettings, Endpoint, JudgeRejectedError,
                           JudgeUnreachableError, request_key, run_engines)
-from judge_server import BROKEN_BODIES, ConnectionDropper, JudgeServer, always, closed_port_url
 
 FAST = EngineSettings(concurrency=4, sleep_time=0, max_retries=2, timeout=0.5, backoff=0.01)
 NO_TEXT_FAULTS = ["empty_choices", "no_choices", "null_content"]

@@ -12,10 +12,10 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import builders
 import checkpoints
 import losses
 import trainers
+import weights
 from configuration import CONFIG_DIR, ConfigError, validate_train_config
 from dataloader import KL_KEYS, DataSpec, LoaderOptions, UnpairedPreferenceDataLoader
 from loss_state import RunningRewardMean
@@ -72,17 +72,16 @@ def test_bad_loss_settings_are_one_line_errors_naming_the_key(loss, override, me
     config = compose_config(f"loss={loss}", override, "exp_name=bad", f"cache_dir={tmp_path}", *TINY)
     with pytest.raises(ConfigError) as info:
         validate_train_config(config, loss)
-    lines = [line for line in str(info.value).splitlines() if line.startswith("  - ")]
-    assert lines == [f"  - {message}"] or any(line.startswith(f"  - {message}") for line in lines), str(info.value)
-    assert len(lines) == 1
+    assert str(info.value).startswith(f"invalid config: {message}"), "one problem, on one line"
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("loss", ["simpo", "orpo", "slic"])
 def test_reference_free_losses_load_no_reference_model_and_skip_the_cache(loss, compose_config, tmp_path, monkeypatch,
                                                                            capsys):
     loaded = []
-    real = builders.load_causal_lm
-    monkeypatch.setattr(builders, "load_causal_lm", lambda *args: loaded.append(args) or real(*args))
+    real = weights.load_model
+    monkeypatch.setattr(weights, "load_model", lambda *args: loaded.append(args) or real(*args))
     train(compose_config(f"loss={loss}", f"exp_name={loss}", f"cache_dir={tmp_path}", "cache_reference_logprobs=true",
                          *TINY), loss)
     assert len(loaded) == 1, "only the policy is loaded"
@@ -216,8 +215,7 @@ def test_bco_resumes_bitwise_with_its_running_mean(loss, compose_config, tmp_pat
     assert finals[0]["loss_state"]["count"].item() > saved["count"].item()
     for key in ("total", "count"):
         assert torch.equal(finals[0]["loss_state"][key], finals[1]["loss_state"][key])
-    policies = [checkpoints.load_checkpoint(tmp_path / run / "run" / "LATEST" / "policy.pt")["state"]
-                for run in ("a", "b")]
+    policies = [weights.read_policy_state(tmp_path / run / "run" / "LATEST") for run in ("a", "b")]
     assert all(torch.equal(policies[0][name], policies[1][name]) for name in policies[0])
 
 
@@ -288,7 +286,7 @@ def test_readme_length_normalised_loss_walkthrough_runs_as_written(tmp_path):
     assert result.returncode == 1 and "loss.margin: must be >= 0, got -1" in result.stderr, result.stderr[-2000:]
     result = run()
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "slic_norm" / "LATEST" / "policy.pt").exists()
+    assert weights.find_weights(tmp_path / "slic_norm" / "LATEST") is not None
     assert "rewards_train/accuracies" in result.stdout
 
 
@@ -301,5 +299,5 @@ def test_every_loss_trains_from_the_command_line(tmp_path):
                              f"hydra.sweep.dir={tmp_path / 'sweep'}"],
                             cwd=CONFIG_DIR.parent, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    missing = [name for name in names if not (tmp_path / f"cli_{name}" / "LATEST" / "policy.pt").exists()]
+    missing = [name for name in names if weights.find_weights(tmp_path / f"cli_{name}" / "LATEST") is None]
     assert not missing, f"no final checkpoint for {missing}"

@@ -10,10 +10,10 @@ import torch
 from transformers import AutoTokenizer
 
 import dataloader
-from data_model import Message
 from dataloader import (DataError, Dataset, DataSpec, Example, PairedPreferenceDataLoader, SFTDataLoader,
                         SimpleKTODataLoader)
-from prompt_format import ChatTemplateFormat, PrefixFormat
+from feedback.examples import Message
+from feedback.prompt_format import ChatTemplateFormat, PrefixFormat
 from test_dataloader import IGNORE, REPO, make_loader, paired_example, prompt_order, register, tokenizer  # noqa: F401
 
 

@@ -7,8 +7,8 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from data_model import DataError, Example
-from tokenization import CHOSEN, REJECTED, EncodedExample
+from feedback.examples import DataError, Example
+from feedback.tokenization import CHOSEN, REJECTED, EncodedExample
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_model import DataError, Example
-from prompt_format import PromptFormat, RenderedExample
+from feedback.examples import DataError, Example
+from feedback.prompt_format import PromptFormat, RenderedExample
 from utils import IGNORE_INDEX
 
 CHOSEN, REJECTED, TARGET, KL = "chosen", "rejected", "target", "KL"

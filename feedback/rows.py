@@ -22,8 +22,8 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
-from data_model import ROLES, DataError, Dataset, Example, Message, conversation_key
-from data_sources import SourceSpec, read_source
+from feedback.examples import ROLES, DataError, Dataset, Example, Message, conversation_key
+from feedback.sources import SourceSpec, read_source
 
 FIELDS = ("prompt", "chosen", "rejected", "completion", "label", "messages")
 PAIRED, BINARY, DEMONSTRATION = "paired", "binary", "demonstration"

@@ -12,7 +12,7 @@ import math
 import random
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from data_model import DataError
+from feedback.examples import DataError
 
 
 class Mixture:

@@ -11,15 +11,15 @@ from the run's config by `prompt_format_from_config`:
   file. The prompt is the template's rendering with the generation prompt; a response is what rendering the
   conversation with that assistant turn adds after the prompt (its end-of-turn marker included).
 
-Tokenisation (tokenization.py) checks the templated prompt's tokens are a prefix of prompt + response's tokens.
+Tokenisation (feedback/tokenization.py) checks the templated prompt's tokens are a prefix of prompt + response's tokens.
 """
 import hashlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from data_model import DataError, Example, Message
 from errors import ConfigError
+from feedback.examples import DataError, Example, Message
 from utils import REPO_ROOT
 
 FALLBACK_TEMPLATE = REPO_ROOT / "assets" / "halos_chat_template.jinja"

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 import datasets
 
 import hub
-from data_model import DataError
+from feedback.examples import DataError
 
 OFFLINE_HINT = "set local_datasets.{name} to a local mirror (see README: Offline use)"
 JSON_EXTENSIONS = (".jsonl", ".json", ".jsonl.gz", ".json.gz")

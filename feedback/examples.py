@@ -5,7 +5,7 @@ An Example holds its prompt in one of two forms:
 
 * **conversational** (`prompt_messages`, what the built-in loaders and the row readers produce): the prompt as
   a list of `Message`s and each generation as the bare text of one assistant turn. The dataloader formats them
-  with the run's prompt format (the four prefix strings or a chat template, see prompt_format.py).
+  with the run's prompt format (the four prefix strings or a chat template, see feedback/prompt_format.py).
 * **formatted** (`prompt`, the original's contract for `get_<name>(split, human_prefix, ...)` functions): the
   prompt already formatted, ending with the assistant prefix, and each generation ending with the assistant
   suffix. Such Examples can only be used with the prefix format.

@@ -1,0 +1,176 @@
+"""What is at a weights path, and how to load it: the one loader behind model.load_from (train.py), saved_policy
+(eval.py) and resuming a run (checkpointer.py).
+
+A path may name
+* a `policy.pt` (checkpoints.save_checkpoint's `{step_idx, state, metrics}`), or a checkpoint directory holding one
+  (a step-<N> or an unfinished LATEST);
+* a Hugging Face model directory (config.json + weights): an exported checkpoint such as a finished LATEST, or any
+  fine-tuned model. `<dir>/policy.pt` of an exported checkpoint, the path the original wrote, reads its export.
+Each kind is a WeightFormat in FORMATS, tried in order; supporting another kind (a LoRA adapter directory, say) is one
+more WeightFormat there.
+"""
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from checkpoints import POLICY, CheckpointError, is_hf_model_dir, load_checkpoint, load_weights
+from models import from_pretrained, grow_embeddings, load_causal_lm, trusts_remote_code
+from resolve import candidate_paths
+
+
+class WeightFormat:
+    """One kind of weights location. Subclasses implement the three methods."""
+
+    description = ""  # for error messages: "a policy.pt ..."
+
+    def find(self, path: Path) -> Optional[Path]:
+        """The file or directory this format reads for a user's `path`, or None if `path` is not of this kind."""
+        raise NotImplementedError
+
+    def build(self, found: Path, model_config: DictConfig, dtype: str, seed: int, vocab_size: int,
+              key: str) -> PreTrainedModel:
+        """The causal LM with these weights, its embeddings at least `vocab_size` rows (models.grow_embeddings);
+        errors name the config `key` the weights came from."""
+        raise NotImplementedError
+
+    def state_dict(self, found: Path, model_config: Optional[DictConfig]) -> Dict[str, torch.Tensor]:
+        """The causal LM's full state dict (Hugging Face parameter names), on the CPU."""
+        raise NotImplementedError
+
+
+class PolicyFile(WeightFormat):
+    """policy.pt: a full state dict, loaded into the model that model.name_or_path builds."""
+
+    description = "a policy.pt (or a checkpoint directory holding one)"
+
+    def find(self, path: Path) -> Optional[Path]:
+        if path.is_file():
+            return path
+        return path / POLICY if (path / POLICY).is_file() else None
+
+    def build(self, found, model_config, dtype, seed, vocab_size, key):
+        model = load_causal_lm(model_config, dtype, seed)
+        grow_embeddings(model, vocab_size)  # a run that added tokens saved grown embeddings
+        load_weights(model, found)
+        return model
+
+    def state_dict(self, found, model_config):
+        return load_checkpoint(found)["state"]
+
+
+class HuggingFaceDirectory(WeightFormat):
+    """A Hugging Face model directory: the model is built from it (its config.json, its weights)."""
+
+    description = "a Hugging Face model directory (with config.json)"
+
+    def find(self, path: Path) -> Optional[Path]:
+        if is_hf_model_dir(path):
+            return path
+        # The original's `LATEST/policy.pt`: an exported checkpoint holds its weights in the export instead.
+        exported = path.name == POLICY and not path.exists() and is_hf_model_dir(path.parent)
+        return path.parent if exported else None
+
+    def build(self, found, model_config, dtype, seed, vocab_size, key):
+        model = load_causal_lm(OmegaConf.merge(model_config, {"name_or_path": str(found), "from_config": False}),
+                               dtype, seed, key)
+        grow_embeddings(model, vocab_size)
+        return model
+
+    def state_dict(self, found, model_config):
+        # from_pretrained applies the architecture's own key conversions and ties shared weights, so the state dict
+        # has the names and the tied entries that the model built from model.name_or_path expects.
+        model = from_pretrained(AutoModelForCausalLM.from_pretrained, str(found), "checkpoint", dtype="auto",
+                                trust_remote_code=model_config is not None and trusts_remote_code(model_config))
+        return model.state_dict()
+
+
+FORMATS: List[WeightFormat] = [PolicyFile(), HuggingFaceDirectory()]
+
+
+class Weights(NamedTuple):
+    """Located weights: the format that reads them, the file or directory it reads, the config key that named it."""
+
+    format: WeightFormat
+    path: Path
+    key: str
+
+    @property
+    def directory(self) -> Path:
+        """The checkpoint directory, where the files beside the weights live (PPO's v_head.pt)."""
+        return self.path if self.path.is_dir() else self.path.parent
+
+    def build(self, model_config: DictConfig, dtype: str, seed: int, vocab_size: int) -> PreTrainedModel:
+        return self.format.build(self.path, model_config, dtype, seed, vocab_size, self.key)
+
+    def state_dict(self, model_config: Optional[DictConfig] = None) -> Dict[str, torch.Tensor]:
+        """The causal LM's full state dict; `model_config` says whether the model's own code may run."""
+        return self.format.state_dict(self.path, model_config)
+
+
+def expected_formats() -> str:
+    return ", ".join(weight_format.description for weight_format in FORMATS)
+
+
+def find_weights(path: Path, key: str = "checkpoint") -> Optional[Weights]:
+    """The weights at an existing or implied `path` (see the module docstring), or None."""
+    for weight_format in FORMATS:
+        found = weight_format.find(path)
+        if found is not None:
+            return Weights(weight_format, found, key)
+    return None
+
+
+def read_policy_state(path: Path) -> Dict[str, torch.Tensor]:
+    """The policy's full state dict at `path`: a checkpoint directory (policy.pt or export), a policy.pt or a
+    Hugging Face model directory. Raises CheckpointError when there are no weights there."""
+    found = find_weights(path)
+    if found is None:
+        raise CheckpointError(f"{path} holds no weights; expected one of: {expected_formats()}")
+    return found.state_dict()
+
+
+def locate(value: str, cache_dir: str, key: str) -> Weights:
+    """The weights a config value names, looked up as resolve.candidate_paths does (cache_dir first).
+
+    Raises CheckpointError naming `key` when nothing is there or what is there is none of FORMATS.
+    """
+    candidates = candidate_paths(value, cache_dir)
+    for path in candidates:
+        weights = find_weights(path, key)
+        if weights is not None:
+            return weights
+    existing = next((p for p in candidates if p.exists()), None)
+    if existing is None:
+        raise CheckpointError(f"{key}: {value} not found (looked under cache_dir={cache_dir} and the working "
+                              "directory)")
+    raise CheckpointError(f"{key}: {existing} holds no weights; expected one of: {expected_formats()}")
+
+
+def locate_in_config(config: DictConfig, key: str) -> Optional[Weights]:
+    """The weights named by a config key (model.load_from, saved_policy), or None when it is null."""
+    value = OmegaConf.select(config, key)
+    return None if value is None else locate(str(value), config.cache_dir, key)
+
+
+def load_model(weights: Optional[Weights], model_config: DictConfig, dtype: str, seed: int,
+               vocab_size: int) -> PreTrainedModel:
+    """The causal LM with `weights`, or model.name_or_path's own (seeded random ones with from_config) for None."""
+    if weights is not None:
+        return weights.build(model_config, dtype, seed, vocab_size)
+    model = load_causal_lm(model_config, dtype, seed)
+    grow_embeddings(model, vocab_size)
+    return model
+
+
+def load_companions(modules: Dict[str, torch.nn.Module], weights: Weights) -> List[str]:
+    """Loads the weights files saved beside the policy (e.g. PPO's v_head.pt) into their modules; returns the names
+    loaded. `modules` maps file name to module, as BasicTrainer.checkpoint_modules does."""
+    loaded = []
+    for name, module in modules.items():
+        if name != POLICY and (weights.directory / name).is_file():
+            load_weights(module, weights.directory / name)
+            loaded.append(name)
+    return loaded
