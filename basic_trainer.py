@@ -17,6 +17,7 @@ from tqdm import tqdm
 import checkpoints
 import dataloader
 import distributed
+import logps
 import losses
 from checkpointer import Checkpointer, TrainingState
 from checkpoints import POLICY
@@ -25,7 +26,7 @@ from errors import ConfigError, HalosError
 from loss_inputs import SequenceLogps, response_lengths
 from reference_cache import CachedReference
 from resolve import resolve_class
-from utils import IGNORE_INDEX, chunked, label_logps, next_token_labels, pack_rows
+from utils import IGNORE_INDEX, chunked
 
 Metrics = Dict[str, torch.Tensor]
 
@@ -137,12 +138,7 @@ class BasicTrainer:
     def sequence_logps(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        labels: torch.Tensor) -> SequenceLogps:
         """Log-probs of the labelled tokens of (N, T) right-padded rows: sums and token counts (N,), plus
-        (N, T) per-token values for token-level losses.
-
-        The model computes logits only where the next token is labelled (`logits_to_keep`), so its lm_head skips
-        prompt and padding positions; with pack_sequences the rows are packed first (utils.pack_rows), so the
-        padding tokens are not run at all. A cached reference model answers from its cache. No KV cache: training
-        needs none (and packed rows need none).
+        (N, T) per-token values for token-level losses (logps.py). A cached reference model answers from its cache.
         """
         lengths = response_lengths(labels, torch.float32)
         if isinstance(model, CachedReference):
@@ -155,32 +151,10 @@ class BasicTrainer:
 
     def model_logps(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     labels: torch.Tensor, token_level: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(N,) summed label log-probs of (N, T) rows and, if `token_level`, their (N, T) per-token values."""
-        n_rows, length = input_ids.shape
-        positions = torch.arange(length, device=input_ids.device)
-        rows = torch.arange(n_rows, device=input_ids.device).unsqueeze(1).expand_as(input_ids)
-        columns = positions.unsqueeze(0).expand_as(input_ids)
-        layout = {"attention_mask": attention_mask}
-        # Packed rows need the block-diagonal causal mask Hugging Face builds from position_ids for sdpa and eager
-        # attention; flash-attention would need one single packed row, so it runs padded.
-        packed = pack_rows(input_ids, attention_mask, labels, self.tokenizer.pad_token_id) \
-            if self.config.pack_sequences and getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager") \
-            else None
-        if packed is not None:
-            # A packed sequence's position ids are its columns in its padded row.
-            input_ids, labels, rows, columns = packed.input_ids, packed.labels, packed.rows, packed.position_ids
-            layout = {"position_ids": packed.position_ids}
-        next_labels = next_token_labels(labels)
-        keep = next_labels != IGNORE_INDEX
-        logits = model(input_ids, logits_to_keep=keep, use_cache=False, **layout).logits
-        # The logits' storage is reused for their gradient: nothing else reads them.
-        token_logps = label_logps(logits, next_labels[keep], overwrite_logits=True)
-        sums = token_logps.new_zeros(n_rows).index_add(0, rows[keep], token_logps)
-        if not token_level:
-            return sums, None
-        # The logits at position t score the token at t + 1.
-        per_token = token_logps.new_zeros(n_rows, length).index_put((rows[keep], columns[keep] + 1), token_logps)
-        return sums, per_token
+        """(N,) summed label log-probs of (N, T) rows and, if `token_level`, their (N, T) per-token values
+        (logps.model_logps, with this run's packing)."""
+        return logps.model_logps(model, input_ids, attention_mask, labels, pad_token_id=self.tokenizer.pad_token_id,
+                                 pack=self.config.pack_sequences, token_level=token_level)
 
     def reference_forward(self, batch: Dict):
         """The subclass's `forward` outputs for the reference model, without gradients.
