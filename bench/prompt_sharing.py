@@ -25,28 +25,18 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
-import shared_prompts  # noqa: E402
 from bench.train_throughput import (Result, Weights, first_batch, halos_config, halos_step, measure,  # noqa: E402
                                     model_config, policy_tokens, set_up)
-from dataloader import CHOSEN_KEYS, KL_KEYS, REJECTED_KEYS, TARGET_KEYS  # noqa: E402
-from trainers import concatenate_rows  # noqa: E402
+from bench.step_work import step_work  # noqa: E402
+from dataloader import CHOSEN_KEYS, REJECTED_KEYS  # noqa: E402
 from utils import IGNORE_INDEX  # noqa: E402
 
 SHARED, UNSHARED = "shared prompts", "unshared"
-# The row groups of each forward pass of a step, policy and reference (KTO's policy runs its KL rows apart, without
-# gradients; its reference runs them with the targets).
-PASSES = {"dpo": [(CHOSEN_KEYS, REJECTED_KEYS)] * 2, "kto": [(TARGET_KEYS,), (KL_KEYS,), (TARGET_KEYS, KL_KEYS)]}
 
 
 def computed_tokens(loss: str, batch: Dict, pad_token_id: int) -> Tuple[int, int]:
     """Tokens the step's forward passes run (unshared, shared)."""
-    unshared = shared = 0
-    for groups in PASSES[loss]:
-        input_ids, attention_mask, labels = concatenate_rows(batch, groups, pad_token_id)
-        layout = shared_prompts.share_rows(input_ids, attention_mask, labels, pad_token_id)
-        unshared += int(attention_mask.sum())
-        shared += int(attention_mask.sum()) if layout is None else int((layout.segment_ids > 0).sum())
-    return unshared, shared
+    return tuple(sum(work.tokens for work in step_work(loss, batch, pad_token_id, shared)) for shared in (False, True))
 
 
 def synthetic_pairs(n_pairs: int, prompt_length: int, response_length: int, vocab: int, seed: int = 0) -> Dict:
