@@ -223,14 +223,16 @@ class SharingSpy:
         monkeypatch.setattr(shared_prompts, "share_rows", counting)
 
 
-@pytest.mark.parametrize("loss", ["dpo", "kto"])
-def test_training_with_shared_prompts_gives_the_unshared_losses_and_weights(loss, tmp_path, monkeypatch):
+@pytest.mark.parametrize("loss, extra", [("dpo", ()), ("kto", ()), ("dpo", ("++cache_reference_logprobs=true",)),
+                                         ("kto", ("++cache_reference_logprobs=true",))])
+def test_training_with_shared_prompts_gives_the_unshared_losses_and_weights(loss, extra, tmp_path, monkeypatch):
     """Recorded float64 runs (tests/distributed_worker.py): 4 optimizer steps, an evaluation, the final weights.
     DPO shares each pair's prompt in the policy's and the reference's passes; KTO in the reference's pass over its
-    target and KL rows, whose prompts are the same."""
-    unshared = worker.run_recorded(loss, f"{loss}-unshared", tmp_path, ["share_prompts=false"]).parent
+    target and KL rows, whose prompts are the same. With the reference cache, its replay runs the reference's
+    passes shared (the cache file is keyed by sharing, so the two runs fill their own)."""
+    unshared = worker.run_recorded(loss, f"{loss}-unshared", tmp_path, ["share_prompts=false", *extra]).parent
     spy = SharingSpy(monkeypatch)
-    shared = worker.run_recorded(loss, f"{loss}-shared", tmp_path, ["share_prompts=true"]).parent
+    shared = worker.run_recorded(loss, f"{loss}-shared", tmp_path, ["share_prompts=true", *extra]).parent
     batch_rows = 2 * 4  # chosen + rejected, or target + KL rows, of a batch of 4
     assert spy.shared_passes.count(batch_rows) >= 4, "every train batch's pair or target/KL rows shared prompts"
     differences = worker.compare_runs(unshared, shared)
