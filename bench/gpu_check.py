@@ -42,6 +42,7 @@ from bench.step_work import step_work  # noqa: E402
 from bench.train_throughput import policy_tokens  # noqa: E402
 from builders import build_dataloader  # noqa: E402
 from configuration import validate_train_config  # noqa: E402
+from logps import PACKABLE_ATTENTION  # noqa: E402
 from memory_plan import ModelShape, model_shape  # noqa: E402
 from models import load_causal_lm, load_tokenizer  # noqa: E402
 from resolve import resolve_class  # noqa: E402
@@ -77,14 +78,18 @@ class Measurement(NamedTuple):
 
 
 def contenders(args) -> List[Contender]:
-    """Every loss, layout and attention on the first model; the second model (GPT-NeoX) on DPO only."""
+    """Every loss, layout and attention on the first model; the second model (GPT-NeoX) on DPO only.
+
+    Packed rows without shared prompts need sdpa or eager (logps.PACKABLE_ATTENTION; flex attention would run them
+    padded), so that pair is left out rather than reported under a name it does not run."""
     attentions = ["sdpa"] if args.dry_run else ["sdpa", "flex_attention"]
     chosen = []
     for index, model in enumerate(args.models):
         for loss in ("sft", "dpo", "kto") if index == 0 else ("dpo",):
             layouts = ("padded", "packed") if loss == "sft" else tuple(LAYOUTS) if index == 0 else ("packed", "shared")
             chosen += [Contender(model, loss, layout, attention) for layout in layouts
-                       for attention in (attentions if index == 0 else attentions[:1])]
+                       for attention in (attentions if index == 0 else attentions[:1])
+                       if layout != "packed" or attention in PACKABLE_ATTENTION]
     return chosen
 
 

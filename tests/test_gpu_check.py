@@ -35,7 +35,8 @@ def test_the_gpu_run_covers_both_attentions_and_the_gpt_neox_model():
     assert Contender("llama-1b", "sft", "padded", "sdpa") in chosen
     assert [c for c in chosen if c.model == "pythia-1b"] == [Contender("pythia-1b", "dpo", "packed", "sdpa"),
                                                              Contender("pythia-1b", "dpo", "shared", "sdpa")]
-    assert len(chosen) == 2 * (2 + 3 + 3) + 2
+    assert Contender("llama-1b", "dpo", "packed", "flex_attention") not in chosen, "flex attention runs it padded"
+    assert len(chosen) == 3 + 5 + 5 + 2
 
 
 def pairs_batch(prompts: torch.Tensor) -> dict:
