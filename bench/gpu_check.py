@@ -117,9 +117,11 @@ class Models:
     the same initial weights."""
 
     def __init__(self, config, device: torch.device):
-        policy = load_causal_lm(config.model, "float32", config.seed)
-        self.initial_state = {k: v.clone() for k, v in policy.state_dict().items()}
-        reference = load_causal_lm(config.model, config.model.reference_dtype, config.seed)
+        # Built on the device: a random 1B initialisation on the host takes tens of seconds per model.
+        with device:
+            policy = load_causal_lm(config.model, "float32", config.seed)
+            self.initial_state = {k: v.clone() for k, v in policy.state_dict().items()}
+            reference = load_causal_lm(config.model, config.model.reference_dtype, config.seed)
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         reference.requires_grad_(False).eval()
         self.policy, self.reference = (
@@ -239,6 +241,8 @@ def run_model(model: str, chosen: List[Contender], args, device: torch.device, d
     bf16 = next((r for r in results if r.contender == sanity and not r.note), None)
     if bf16 is None:
         return results, ["fp32 check: not run (the bf16 shared-prompt DPO run with sdpa has no figures)"]
+    if time.monotonic() > deadline:
+        return results, ["fp32 check: skipped: time budget"]
     return results, fp32_comparison(bf16.step_metrics[:SANITY_STEPS],
                                     fp32_steps(sanity, args, tokenizer, device, loaders))
 
@@ -318,8 +322,8 @@ def parse_args(argv: Optional[List[str]] = None):
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; dry run 1)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 16 (dry run 2)")
     parser.add_argument("--max-length", type=int, default=None, help="default 1024 (dry run 64)")
-    parser.add_argument("--budget-s", type=float, default=None, help="skip contenders after this many seconds "
-                                                                      "(default 420; dry run none)")
+    parser.add_argument("--budget-s", type=float, default=None, help="skip contenders and the fp32 check after "
+                                                                      "this many seconds (default 420; dry run none)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak")
     parser.add_argument("--output", default=os.path.join(os.environ.get("OUT", "."), "gpu_check.md"))
     args = parser.parse_args(argv)
