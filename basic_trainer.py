@@ -152,9 +152,11 @@ class BasicTrainer:
     def model_logps(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     labels: torch.Tensor, token_level: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(N,) summed label log-probs of (N, T) rows and, if `token_level`, their (N, T) per-token values
-        (logps.model_logps, with this run's packing)."""
+        (logps.model_logps, with this run's packing and prompt sharing)."""
+        # The saved config of a run from before share_prompts existed evaluates unshared, as it trained.
         return logps.model_logps(model, input_ids, attention_mask, labels, pad_token_id=self.tokenizer.pad_token_id,
-                                 pack=self.config.pack_sequences, token_level=token_level)
+                                 pack=self.config.pack_sequences, token_level=token_level,
+                                 share_prompts=self.config.get("share_prompts", False))
 
     def reference_forward(self, batch: Dict):
         """The subclass's `forward` outputs for the reference model, without gradients.

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import data_config
 import dataloader
+import shared_prompts
 import trainers
 import weights
 from errors import ConfigError, HalosError
@@ -186,9 +187,15 @@ def _check_checkpoint_options(config: DictConfig, invocation: Invocation) -> Lis
 
 
 def _check_speed_options(config: DictConfig, invocation: Invocation) -> List[str]:
-    """pack_sequences and cache_reference_logprobs (docs/performance.md)."""
+    """pack_sequences, share_prompts and cache_reference_logprobs (docs/performance.md)."""
     problems = [f"{key}: expected true or false, got {config[key]!r}"
-                for key in ("pack_sequences", "cache_reference_logprobs") if not isinstance(config[key], bool)]
+                for key in ("pack_sequences", "share_prompts", "cache_reference_logprobs")
+                if not isinstance(config[key], bool)]
+    implementation = "sdpa" if _attention_problem(config) else attention_implementation(config.model)
+    if config.share_prompts is True and "share_prompts" in invocation.command_line_keys \
+            and implementation not in shared_prompts.MASKED_ATTENTION:
+        problems.append(f"share_prompts: {implementation} attention takes no custom attention mask; choose "
+                        f"model.attn_implementation=sdpa or flex_attention, or drop the override")
     if config.cache_reference_logprobs is True and "trainer" in config.loss:
         try:
             trainer = resolve_class(str(config.loss.trainer), "trainers")
@@ -317,6 +324,17 @@ def _fall_back_attention(config: DictConfig, invocation: Invocation) -> List[str
     return [f"{key}: {reason}, which this machine lacks; using sdpa attention instead"]
 
 
+def _fall_back_share_prompts(config: DictConfig, invocation: Invocation) -> List[str]:
+    """share_prompts (on by default) needs attention that takes a custom mask; with flash-attention, which a preset
+    or a saved config may choose, every row runs with its own prompt instead, and the saved config says so."""
+    implementation = attention_implementation(config.model)
+    if config.get("share_prompts") is not True or implementation in shared_prompts.MASKED_ATTENTION:
+        return []
+    config.share_prompts = False
+    return [f"share_prompts: {implementation} attention takes no custom attention mask; every row runs its own "
+            "prompt (share_prompts=false)"]
+
+
 CHECKS: Dict[str, List[Check]] = {
     "train": [_check_schema, _check_train_mode, _check_run_name, _check_seed, _check_values, _check_classes,
               _check_weights, _check_speed_options, _check_checkpoint_options, _check_attention],
@@ -324,8 +342,8 @@ CHECKS: Dict[str, List[Check]] = {
              _check_attention],
 }
 ADJUSTMENTS: Dict[str, List[Check]] = {
-    "train": [_round_eval_every, _fall_back_attention],
-    "eval": [_fall_back_attention],
+    "train": [_round_eval_every, _fall_back_attention, _fall_back_share_prompts],
+    "eval": [_fall_back_attention, _fall_back_share_prompts],
 }
 
 

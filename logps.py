@@ -3,20 +3,23 @@
 
 The model computes logits only where the next token is labelled (`logits_to_keep`), so its lm_head skips prompt and
 padding positions; with packing the rows are packed first (utils.pack_rows), so padding tokens are not run at all;
-log-probs are float32, computed chunk by chunk (utils.label_logps). No KV cache: training needs none, packed rows
-cannot use one.
+log-probs are float32, computed chunk by chunk (utils.label_logps). With shared prompts, rows that start with the
+same prompt run it once (shared_prompts.py). No KV cache: training needs none, packed rows cannot use one.
 """
 from typing import Optional, Tuple
 
 import torch
 
+import shared_prompts
+from errors import ConfigError
 from utils import IGNORE_INDEX, label_logps, next_token_labels, pack_rows
 
 PACKABLE_ATTENTION = ("sdpa", "eager")  # implementations that build the block-diagonal mask from position_ids
 
 
 def model_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
-                pad_token_id: int, pack: bool, token_level: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                pad_token_id: int, pack: bool, token_level: bool,
+                share_prompts: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(N,) summed label log-probs of (N, T) right-padded rows and, if `token_level`, their (N, T) per-token values
     (log p(token t | tokens < t) at labelled positions t, 0 elsewhere).
 
@@ -25,15 +28,24 @@ def model_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask:
         pad_token_id: fills packed rows that are not full.
         pack: pack the rows when the model's attention supports it (flash-attention would need one packed row, so it
             runs padded).
+        share_prompts: run the prompt shared by several rows once (shared_prompts.py; its segments are packed, so
+            this packs too); the model must pass shared_prompts.unsupported_reason.
     """
     n_rows, length = input_ids.shape
     positions = torch.arange(length, device=input_ids.device)
     rows = torch.arange(n_rows, device=input_ids.device).unsqueeze(1).expand_as(input_ids)
     columns = positions.unsqueeze(0).expand_as(input_ids)
     layout = {"attention_mask": attention_mask}
-    packed = pack_rows(input_ids, attention_mask, labels, pad_token_id) \
-        if pack and getattr(model.config, "_attn_implementation", None) in PACKABLE_ATTENTION else None
-    if packed is not None:
+    if share_prompts and (reason := shared_prompts.unsupported_reason(model)):
+        raise ConfigError(f"share_prompts: {reason}; set share_prompts=false")
+    shared = shared_prompts.share_rows(input_ids, attention_mask, labels, pad_token_id) if share_prompts else None
+    packed = pack_rows(input_ids, attention_mask, labels, pad_token_id) if shared is None and pack \
+        and getattr(model.config, "_attn_implementation", None) in PACKABLE_ATTENTION else None
+    if shared is not None:
+        input_ids, labels, rows, columns = shared.input_ids, shared.labels, shared.rows, shared.columns
+        layout = {"position_ids": shared.position_ids,
+                  "attention_mask": shared_prompts.attention_masks(model.config, shared, model.dtype)}
+    elif packed is not None:
         # A packed sequence's position ids are its columns in its padded row.
         input_ids, labels, rows, columns = packed.input_ids, packed.labels, packed.rows, packed.position_ids
         layout = {"position_ids": packed.position_ids}

@@ -14,7 +14,8 @@ its first batch; the live path would recompute it with another batch's padding, 
 only (about 1e-7 relative).
 
 The file is named by a fingerprint of everything else that determines the values: a hash of the reference weights
-(after `load_from` and any embedding growth), the attention implementation, packing, FSDP mixed precision, and, to
+(after `load_from` and any embedding growth), the attention implementation, packing, prompt sharing, FSDP mixed
+precision, and, to
 keep one file per dataset setup, the datasets, tokenizer, prompt format (prefix strings or chat template), length
 limits and dataloader.
 """
@@ -62,6 +63,7 @@ def cache_fingerprint(config: DictConfig, reference_model: torch.nn.Module) -> D
         "weights": weights_hash(reference_model),
         "attention": reference_model.config._attn_implementation,
         "pack_sequences": config.pack_sequences,
+        "share_prompts": config.get("share_prompts", False),
         "fsdp_mixed_precision": model.fsdp_policy_mp if distributed.world_size() > 1 else None,
         "datasets": list(config.datasets),
         "tokenizer": model.tokenizer_name_or_path or model.name_or_path,

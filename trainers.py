@@ -16,7 +16,7 @@ import distributed
 import losses
 from basic_trainer import BasicTrainer, Metrics, TrainingError, TrainingInterrupted  # noqa: F401 (trainer names)
 from dataloader import CHOSEN_KEYS, KL_KEYS, REJECTED_KEYS, STATUS_KEY, TARGET_KEYS
-from loss_inputs import PairedLogps, UnpairedLogps
+from loss_inputs import PairedLogps, SequenceLogps, UnpairedLogps
 from loss_state import RunningRewardMean
 from ppo_trainer import PPOTrainer  # noqa: F401 (named by config/loss/ppo.yaml)
 from utils import IGNORE_INDEX, pad_to_length
@@ -110,8 +110,9 @@ class PreferenceTrainer(BasicTrainer):
 
     def get_batch_metrics(self, batch: Dict, mode: str) -> Tuple[torch.Tensor, Metrics]:
         policy = self.forward(self.policy, batch)
-        reference = self.reference_forward(batch) if self.reference_model is not None else None
+        # The statistics first: KTO's reference point runs the reference model over the batch's rows in one pass.
         statistics = self.loss_statistics(batch, mode)
+        reference = self.reference_forward(batch) if self.reference_model is not None else None
         output = self.loss_from(policy, reference, **statistics)
         n_chosen, n_rejected = policy.chosen.logps.size(0), policy.rejected.logps.size(0)
         check_loss_output(self, output, n_chosen, n_rejected, self.n_losses(n_chosen, n_rejected))
@@ -174,33 +175,72 @@ class UnpairedPreferenceTrainer(PreferenceTrainer):
     uses_kl_rows = False
     step_kl_estimate: Optional[torch.Tensor] = None  # z of the optimizer step in progress (prepare_step)
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The reference log-probs of target rows that kl_estimate computed together with their KL rows, until the
+        # batch's loss reads them: (batch, UnpairedLogps) pairs, the batch itself held so that identity finds it.
+        self.early_reference_logps: List[Tuple[Dict, UnpairedLogps]] = []
+
     def forward(self, model: torch.nn.Module, batch: Dict) -> UnpairedLogps:
         """Desirable (n_chosen) and undesirable (n_rejected) rows' log-probs from one forward pass."""
         logps = self.sequence_logps(model, *concatenate_rows(batch, (TARGET_KEYS,), self.tokenizer.pad_token_id))
+        return self.split_by_status(logps, batch)
+
+    @staticmethod
+    def split_by_status(logps: SequenceLogps, batch: Dict) -> UnpairedLogps:
         chosen = torch.tensor([status == "chosen" for status in batch[STATUS_KEY]], device=logps.logps.device)
         return UnpairedLogps(logps.rows(chosen), logps.rows(~chosen))
 
     def kl_logps(self, model: torch.nn.Module, batch: Dict) -> torch.Tensor:
         """(B,) summed log-probs of the batch's KL rows, without gradients.
 
-        They get a forward pass of their own: the KL estimate is detached (losses.kto_kl_estimate), so
+        The policy's get a forward pass of their own: the KL estimate is detached (losses.kto_kl_estimate), so
         backpropagating through them, as one concatenated pass would, spends a third of KTO's policy compute on zeros.
         """
         with torch.no_grad():
             return self.sequence_logps(model, *concatenate_rows(batch, (KL_KEYS,), self.tokenizer.pad_token_id)).logps
 
+    def reference_target_and_kl_logps(self, batch: Dict) -> Tuple[UnpairedLogps, torch.Tensor]:
+        """The reference model's target-row log-probs and (B,) KL-row log-probs from one pass without gradients.
+
+        KL row k pairs target row k's prompt with another response, so with share_prompts the pass runs each prompt
+        once for both rows; the reference needs no gradient, so nothing is spent on the KL rows' backward.
+        """
+        with torch.no_grad():
+            logps = self.sequence_logps(self.reference_model, *concatenate_rows(batch, (TARGET_KEYS, KL_KEYS),
+                                                                                self.tokenizer.pad_token_id))
+        n_rows = len(batch[STATUS_KEY])
+        return self.split_by_status(logps.rows(slice(None, n_rows)), batch), logps.logps[n_rows:]
+
     def kl_estimate(self, batches: List[Dict]) -> torch.Tensor:
-        """z_local over the KL rows of these batches of every process (the mean policy/reference log-ratio), ()."""
+        """z_local over the KL rows of these batches of every process (the mean policy/reference log-ratio), ().
+
+        The reference's target-row log-probs come out of the same passes and are kept for the batches' losses
+        (reference_forward)."""
         self.fill_reference_cache()
-        policy_logps, reference_logps = (
-            distributed.all_gather_if_needed(torch.cat([self.kl_logps(model, batch) for batch in batches]))
-            for model in (self.policy, self.reference_model))
-        return losses.kto_kl_estimate(policy_logps, reference_logps)
+        policy_logps = torch.cat([self.kl_logps(self.policy, batch) for batch in batches])
+        reference_logps = []
+        for batch in batches:
+            target_logps, kl_logps = self.reference_target_and_kl_logps(batch)
+            self.early_reference_logps.append((batch, target_logps))
+            reference_logps.append(kl_logps)
+        return losses.kto_kl_estimate(distributed.all_gather_if_needed(policy_logps),
+                                      distributed.all_gather_if_needed(torch.cat(reference_logps)))
+
+    def reference_forward(self, batch: Dict) -> UnpairedLogps:
+        """The reference's target-row log-probs: those kl_estimate computed for this batch, else a pass of their
+        own."""
+        for index, (early_batch, logps) in enumerate(self.early_reference_logps):
+            if early_batch is batch:
+                del self.early_reference_logps[index]
+                return logps
+        return super().reference_forward(batch)
 
     def prepare_step(self, batches: List[Dict]) -> None:
         # KTO's reference point is one statistic of the whole optimizer step, so splitting the step into
         # accumulation micro-batches or processes does not change it.
         if self.uses_kl_rows:
+            self.early_reference_logps.clear()  # any left by a step the data ended in the middle of
             self.step_kl_estimate = self.kl_estimate(batches)
 
     def loss_statistics(self, batch: Dict, mode: str) -> Dict[str, torch.Tensor]:
@@ -214,9 +254,10 @@ class UnpairedPreferenceTrainer(PreferenceTrainer):
         return {"KL_estimate": statistics["kl_estimate"]} if "kl_estimate" in statistics else {}
 
     def all_reference_logps(self, batch: Dict) -> None:
-        super().all_reference_logps(batch)
         if self.uses_kl_rows:
-            self.kl_logps(self.reference_model, batch)
+            self.reference_target_and_kl_logps(batch)
+        else:
+            super().all_reference_logps(batch)
 
     @staticmethod
     def n_losses(n_chosen: int, n_rejected: int) -> int:

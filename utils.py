@@ -159,6 +159,15 @@ def first_fit_decreasing(lengths: List[int], capacity: int) -> List[List[int]]:
     return bins
 
 
+def right_padded_lengths(attention_mask: torch.Tensor) -> List[int]:
+    """(N,) lengths of right-padded rows from their (N, T) attention mask; ValueError for any other padding."""
+    lengths = attention_mask.sum(1)
+    columns = torch.arange(attention_mask.size(1), device=attention_mask.device)
+    if not torch.equal(attention_mask.bool(), columns < lengths.unsqueeze(1)):
+        raise ValueError("packing needs right-padded rows (each attention mask is 1s then 0s)")
+    return lengths.tolist()
+
+
 def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
               pad_token_id: int) -> Optional[PackedRows]:
     """Packs right-padded rows into as few rows of the longest row's length as fit; None if that saves no row.
@@ -169,11 +178,8 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: tor
         input_ids, attention_mask, labels: (N, T) right-padded rows (labels IGNORE_INDEX where no loss is taken).
         pad_token_id: fills the end of packed rows that are not full.
     """
-    lengths = attention_mask.sum(1)
+    lengths = right_padded_lengths(attention_mask)
     positions = torch.arange(input_ids.size(1), device=input_ids.device)
-    if not torch.equal(attention_mask.bool(), positions < lengths.unsqueeze(1)):
-        raise ValueError("pack_rows needs right-padded rows (each attention mask is 1s then 0s)")
-    lengths = lengths.tolist()
     capacity = max(lengths)
     bins = first_fit_decreasing(lengths, capacity)
     if len(bins) == len(lengths):

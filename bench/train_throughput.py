@@ -25,7 +25,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -58,11 +58,11 @@ class Result(NamedTuple):
     peak_bytes: int
 
 
-def model_config(args) -> LlamaConfig:
+def model_config(args, max_positions: int = 512) -> LlamaConfig:
     return LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
                        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                       num_key_value_heads=args.hidden // 64, max_position_embeddings=512, tie_word_embeddings=False,
-                       attn_implementation="sdpa")
+                       num_key_value_heads=args.hidden // 64, max_position_embeddings=max(512, max_positions),
+                       tie_word_embeddings=False, attn_implementation="sdpa")
 
 
 class Weights:
@@ -161,14 +161,21 @@ def floor_step(loss: str, batch: Dict, weights: Weights, pad_token_id: int, with
 # --- HALOs -----------------------------------------------------------------------------------------------------
 
 
-def halos_step(loss: str, args, weights: Weights, tokenizer, cached: bool, packed: bool, cache_dir: str) -> Step:
+def halos_step(loss: str, args, weights: Weights, tokenizer, cache_dir: Optional[str] = None,
+               batch: Optional[Dict] = None, **settings) -> Step:
+    """HALOs' training step of `loss` on `batch` (default: the first HH batch): get_batch_metrics, backward, AdamW.
+
+    `settings` are top-level config keys for this contender (pack_sequences, share_prompts); with `cache_dir` the
+    reference log-probs are cached there."""
     config = halos_config(loss, args)
-    config.pack_sequences = packed
-    loader, batch = first_batch(config, tokenizer)
+    config.update(settings)
+    loader = None
+    if batch is None:
+        loader, batch = first_batch(config, tokenizer)
     reference = weights.model(trainable=False) if LOSSES[loss].requires_reference_model else None
-    if cached and reference is not None:
-        store = LogpStore(Path(cache_dir) / f"{loss}-{packed}.pt", {"bench": loss, "packed": packed})
-        reference = CachedReference(reference, store)
+    if cache_dir is not None and reference is not None:
+        name = "-".join([loss, *(f"{key}={value}" for key, value in sorted(settings.items()))])
+        reference = CachedReference(reference, LogpStore(Path(cache_dir) / f"{name}.pt", {"bench": name}))
     trainer = LOSSES[loss](tokenizer, config, loader, None, weights.model(), reference)
     optimizer = optimizer_for(trainer.policy)
 
@@ -290,10 +297,13 @@ def contenders(loss: str, args, weights: Weights, tokenizer, batch: Dict, workdi
         steps[f"floor ({layout}): policy fwd+bwd"] = floor_step(loss, batch, weights, pad, False, lean)
         if needs_reference:
             steps[f"floor ({layout}): + reference fwd"] = floor_step(loss, batch, weights, pad, True, lean)
-    steps["halos"] = halos_step(loss, args, weights, tokenizer, False, True, workdir)
-    steps["halos, no packing"] = halos_step(loss, args, weights, tokenizer, False, False, workdir)
+    steps["halos"] = halos_step(loss, args, weights, tokenizer)
+    if loss != "sft":  # SFT rows do not share prompts
+        steps["halos, no prompt sharing"] = halos_step(loss, args, weights, tokenizer, share_prompts=False)
+    steps["halos, no packing"] = halos_step(loss, args, weights, tokenizer, pack_sequences=False,
+                                            share_prompts=False)
     if needs_reference:
-        steps["halos, cached reference"] = halos_step(loss, args, weights, tokenizer, True, True, workdir)
+        steps["halos, cached reference"] = halos_step(loss, args, weights, tokenizer, cache_dir=workdir)
     if not args.skip_trl:
         steps["trl"] = trl_step(loss, args, weights, tokenizer, batch, os.path.join(workdir, f"trl-{loss}"))
     return steps
@@ -351,11 +361,9 @@ def parse_args(argv: Optional[List[str]] = None):
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    args = parse_args(argv)
-    if not args.skip_trl and not trl_available():
-        print("TRL is not installed, so its rows are skipped (pip install -r bench/requirements.txt)")
-        args.skip_trl = True
+def set_up(args) -> Tuple[object, Weights]:
+    """Threads (see `measure`), quiet warnings, the tiny tokenizer and the benchmark model's weights, described in
+    one line."""
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     register_resolvers()
@@ -367,6 +375,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"model {n_parameters / 1e6:.1f} M parameters, "
           f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
+    return tokenizer, weights
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    if not args.skip_trl and not trl_available():
+        print("TRL is not installed, so its rows are skipped (pip install -r bench/requirements.txt)")
+        args.skip_trl = True
+    tokenizer, weights = set_up(args)
     with tempfile.TemporaryDirectory() as workdir:
         for loss in args.losses:
             run_loss(loss, args, weights, tokenizer, workdir)

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import trainers
@@ -126,10 +127,12 @@ def right_padded_batch(lengths, vocab: int = 4096, seed: int = 0):
     return input_ids, attention_mask, labels
 
 
-def bare_trainer(pack: bool, token_level: bool = False) -> trainers.BasicTrainer:
-    """A BasicTrainer with just what sequence_logps reads: pack_sequences, the pad id, token_level_logps."""
+def bare_trainer(pack: bool, token_level: bool = False, share_prompts: bool = False) -> trainers.BasicTrainer:
+    """A BasicTrainer with just what sequence_logps reads: pack_sequences, share_prompts, the pad id,
+    token_level_logps."""
     trainer = trainers.BasicTrainer.__new__(trainers.BasicTrainer)
-    trainer.config, trainer.tokenizer = SimpleNamespace(pack_sequences=pack), SimpleNamespace(pad_token_id=1)
+    trainer.config = OmegaConf.create({"pack_sequences": pack, "share_prompts": share_prompts})
+    trainer.tokenizer = SimpleNamespace(pad_token_id=1)
     trainer.token_level_logps = token_level
     return trainer
 
