@@ -300,8 +300,8 @@ def load_full_state_dict(model: torch.nn.Module, state: Dict[str, torch.Tensor],
                          trainable_only: bool = False) -> None:
     """Loads complete weights (as full_state_dict returns them) into a model that may be sharded, strictly unless
     `trainable_only` (then `state` holds the trainable parameters, which the caller has checked are all there, and
-    the frozen ones keep their values). Under FSDP only rank 0 needs them (other ranks pass {}): every rank receives
-    its shards from rank 0."""
+    the frozen ones keep their values; torch adds their entries to `state`). Under FSDP only rank 0 needs them
+    (other ranks pass {}): every rank receives its shards from rank 0."""
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=not trainable_only,
                                                                 broadcast_from_rank0=world_size() > 1))
 

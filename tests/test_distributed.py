@@ -138,6 +138,17 @@ def test_lora_on_two_processes_matches_one(loss, one_process_dir, two_process_di
     assert min(t.abs().max().item() for name, t in two_adapters.items() if "lora_B" in name) > 1e-3
 
 
+def test_a_sharded_lora_model_resumes_exactly_from_its_adapters_alone(two_process_dir):
+    """Frozen base and trainable adapters in the same FSDP units: the gathered checkpoint state holds the adapters
+    only (and their optimizer state), and loading it into a fresh sharded model with other new adapters on each rank
+    gives the same next step, bit for bit, on both ranks."""
+    main, other = (observations(two_process_dir, rank)["lora_resume"] for rank in (0, 1))
+    assert main["saved_keys"] and all("lora_" in key for key in main["saved_keys"])
+    assert len(main["saved_keys"]) == 2 * 7 * 2  # A and B of the 7 linear layers of each of the 2 blocks
+    assert main["optimizer_keys"] == main["saved_keys"]
+    assert main["resumed_max_diff"] == 0.0 and other["resumed_max_diff"] == 0.0
+
+
 def test_torchrun_sft_with_activation_checkpointing_matches_one_process(one_process_dir, tmp_path):
     """The real entry point under torchrun; SFT's gradient norm (~50) is above max_grad_norm=10, so clipping acts."""
     overrides = worker.recorded_run_overrides("sft", "sft-torchrun", tmp_path) + ["model.activation_checkpointing=true"]
