@@ -208,7 +208,9 @@ class BasicTrainer:
         SIGTERM or SIGINT lets the current optimizer step finish, writes one and raises TrainingInterrupted.
         """
         config = self.config
-        self.optimizer = getattr(torch.optim, config.optimizer)(self.policy.parameters(), lr=config.lr)
+        # Only what trains has optimizer state: with LoRA the frozen base model gets none, and checkpoints hold none.
+        trainable = [parameter for parameter in self.policy.parameters() if parameter.requires_grad]
+        self.optimizer = getattr(torch.optim, config.optimizer)(trainable, lr=config.lr)
         # Linear warmup from lr/(warmup+1) to lr over warmup_steps optimizer steps, then constant.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1)))

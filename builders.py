@@ -1,12 +1,14 @@
 """Turning a validated config into the objects a run needs: tokenizer, dataloaders, models, wandb."""
 import netrc
 import os
+from pathlib import Path
 from typing import Callable, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 import dataloader
+import lora
 import weights
 from checkpoints import TRAINER_STATE, checkpoint_info
 from data_config import data_spec, loader_options
@@ -50,24 +52,30 @@ def build_train_and_eval_loaders(config: DictConfig, tokenizer) -> Tuple[dataloa
 
 def build_models(config: DictConfig, device: torch.device, vocab_size: int,
                  wrap_policy: Callable[[torch.nn.Module], torch.nn.Module] = lambda policy: policy,
-                 policy_weights: Optional[weights.Weights] = None
-                 ) -> Tuple[torch.nn.Module, Optional[torch.nn.Module]]:
+                 policy_weights: Optional[weights.Weights] = None) -> Tuple[torch.nn.Module, Optional[Callable]]:
     """Policy and (if the loss uses one) reference model, both starting from model.load_from when it is set (any
-    location weights.py reads: a policy.pt, a checkpoint directory, a Hugging Face model directory).
+    location weights.py reads: a policy.pt, a checkpoint directory, a Hugging Face model or LoRA adapter directory).
 
     `policy_weights` gives the policy other weights than load_from's (eval.py: saved_policy). Embeddings grow to
     `vocab_size` (the tokenizer's length, which includes any control tokens), so checkpoints of csft runs load into
     them. `wrap_policy` (the trainer's) builds the trained module around the causal LM, e.g. PPO's value head,
-    before sharding so that the head is sharded and synchronised too. With several processes both models are
+    before sharding so that the head is sharded and synchronised too. With several processes the models are
     sharded with FSDP (distributed.shard_model); in one process they move to `device`. With
     cache_reference_logprobs the reference comes wrapped in a reference_cache.CachedReference.
+
+    With model.use_peft the policy is load_from's model with LoRA adapters (lora.py): new ones, model.load_lora_from's,
+    or those of `policy_weights`; the reference model is that policy with its adapters disabled
+    (lora.AdapterFreeReference), so no second copy of the weights is loaded.
     """
     start = weights.locate_in_config(config, "model.load_from")
     policy_weights = policy_weights or start
-    policy = weights.load_model(policy_weights, config.model, config.model.policy_dtype, config.seed, vocab_size)
+    adapted = lora.uses_peft(config.model)
+    uses_reference = bool(config.loss.use_reference_model)
+    base_weights = start if adapted else policy_weights
+    policy = weights.load_model(base_weights, config.model, config.model.policy_dtype, config.seed, vocab_size)
     reference = weights.load_model(start, config.model, config.model.reference_dtype, config.seed, vocab_size) \
-        if config.loss.use_reference_model else None
-    for name, loaded in (("policy", policy_weights), ("reference model", start if reference is not None else None)):
+        if uses_reference and not adapted else None
+    for name, loaded in (("policy", base_weights), ("reference model", start if reference is not None else None)):
         if loaded is not None:
             rank0_print(f"{name}: loaded {loaded.path}{training_history(loaded)}")
     if config.model.activation_checkpointing:
@@ -76,22 +84,42 @@ def build_models(config: DictConfig, device: torch.device, vocab_size: int,
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if reference is not None:
         reference.requires_grad_(False).eval()
-    if config.cache_reference_logprobs and reference is None:
+    if config.cache_reference_logprobs and not uses_reference:
         rank0_print(f"cache_reference_logprobs: loss {config.loss.name} uses no reference model; "
                     "there is nothing to cache")
-    # Hashed before sharding, while every process holds all the weights.
-    fingerprint = cache_fingerprint(config, reference) \
-        if reference is not None and config.cache_reference_logprobs else None
+    # Hashed before sharding, while every process holds all the weights; with LoRA the reference is the base model.
+    fingerprint = cache_fingerprint(config, reference if reference is not None else policy) \
+        if uses_reference and config.cache_reference_logprobs else None
+    if adapted:
+        base_name = str(start.path) if start is not None else str(config.model.name_or_path)
+        policy = lora.add_adapters(policy, config.model, adapters_to_load(config, policy_weights, start), base_name)
     policy = wrap_policy(policy)
     for model in filter(None, (policy, reference)):
         if world_size() > 1:
             # Sharding also moves the weights to this process's device, block by block.
             shard_model(model, config.model.block_name, config.model.fsdp_policy_mp)
-        else:
+        elif not getattr(model, "is_loaded_in_4bit", False):  # QLoRA's weights were loaded onto the GPU
             model.to(device)
+    if adapted and uses_reference:
+        reference = lora.AdapterFreeReference(policy)
     if fingerprint is not None:
         reference = CachedReference(reference, LogpStore(cache_path(config.cache_dir, fingerprint), fingerprint))
     return policy, reference
+
+
+def adapters_to_load(config: DictConfig, policy_weights: Optional[weights.Weights],
+                     start: Optional[weights.Weights]) -> Optional[Path]:
+    """The LoRA adapters the policy starts with: those of `policy_weights` when it is not the starting model
+    (eval.py's saved_policy), else model.load_lora_from's; None for new adapters."""
+    if policy_weights is not None and (start is None or policy_weights.path != start.path):
+        adapters = lora.adapter_location(policy_weights.directory)
+        if adapters is None:
+            raise lora.AdapterError(f"{policy_weights.key}: {policy_weights.path} holds no LoRA adapters, but "
+                                    "model.use_peft=true (pass ++model.use_peft=false to evaluate it as a full model)")
+        return adapters
+    if config.model.load_lora_from is None:
+        return None
+    return lora.locate_adapters(str(config.model.load_lora_from), config.cache_dir)
 
 
 def training_history(loaded: weights.Weights) -> str:

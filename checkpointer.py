@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import checkpoints
 import distributed
+import lora
 import weights
 from checkpoints import LATEST, OPTIMIZER, POLICY, SCHEDULER, TRAINER_STATE, CheckpointError, save_checkpoint
 from console import say
@@ -59,8 +60,9 @@ class Checkpointer:
         * resumable: `LATEST` with also optimizer.pt and scheduler.pt: everything `restore` needs.
         * final: `LATEST` of the finished run.
         The policy's weights are written once: as a Hugging Face export in the final checkpoint and, with
-        export_intermediate, in every checkpoint; as policy.pt otherwise. trainer_state.pt (counters, metrics, RNG
-        states, config) is in every checkpoint.
+        export_intermediate, in every checkpoint; as policy.pt otherwise. A LoRA policy's are its adapters
+        (adapter_config.json + adapter_model.safetensors), with the merged model exported beside them.
+        trainer_state.pt (counters, metrics, RNG states, config) is in every checkpoint.
         """
         if kind not in KINDS:
             raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
@@ -68,14 +70,21 @@ class Checkpointer:
         metrics = state.values["last_eval_metrics"]
         directory = self.run_dir / f"step-{step}" if kind == "intermediate" else self.latest
         exported = kind == "final" or self.config.export_intermediate
-        module_states = {name: distributed.full_state_dict(module) for name, module in state.weights.items()}
+        # A LoRA policy's frozen base is never gathered: resuming and merging rebuild it from the config.
+        module_states = {name: distributed.full_state_dict(module, trainable_only=lora.is_adapted(module))
+                         for name, module in state.weights.items()}
         optimizer_state = distributed.full_optimizer_state_dict(state.model, state.optimizer) \
             if kind == "resumable" else None
         if self.is_main:
             def write(target: Path) -> None:
                 for name, module_state in module_states.items():
-                    if name == POLICY and exported:
-                        checkpoints.export_hf(state.weights[POLICY], module_state, target)
+                    module = state.weights[name]
+                    if lora.is_adapted(module):
+                        lora.write_adapters(module, module_state, target)
+                        if exported:
+                            self.export_merged(target)
+                    elif name == POLICY and exported:
+                        checkpoints.export_hf(module, module_state, target)
                     else:
                         save_checkpoint(target / name, module_state, step, metrics)
                 if optimizer_state is not None:
@@ -94,6 +103,14 @@ class Checkpointer:
         if kind == "resumable":
             self.resumable_at = step
         return directory
+
+    def export_merged(self, directory: Path) -> None:
+        """Exports the adapters written to `directory`, merged into the run's base model, as a Hugging Face model
+        there. The base is rebuilt on the CPU as training built it (model.load_from or model.name_or_path, the same
+        seed; in full precision for QLoRA), so that vLLM or AutoModelForCausalLM serve the trained policy."""
+        with torch.random.fork_rng(devices=[]):  # a resumed run must find the generators as this run leaves them
+            merged = weights.merge_into_base(directory, self.config, len(self.tokenizer))
+        checkpoints.export_hf(merged, merged.state_dict(), directory)
 
     def write_or_explain(self, directory: Path, write, step: int) -> None:
         """checkpoints.write_atomically, with a failure of the file system (an unwritable or full run directory)
@@ -118,19 +135,24 @@ class Checkpointer:
         saved = checkpoints.load_checkpoint(directory / TRAINER_STATE)["state"]
         policy_weights = weights.find_weights(directory)
         if policy_weights is None:
-            raise CheckpointError(f"{directory} holds no policy weights (neither {POLICY} nor a Hugging Face export)")
+            raise CheckpointError(f"{directory} holds no policy weights (neither {POLICY}, a Hugging Face export nor "
+                                  "LoRA adapters)")
 
-        def main_state(name: str) -> Dict:
-            """The full state of one file, read on rank 0 only (the other ranks receive their shards from it)."""
+        def main_state(name: str, module: Optional[torch.nn.Module] = None) -> Dict:
+            """The full state of one file, or of `module`'s weights (a LoRA policy's: its adapters), read on rank 0
+            only (the other ranks receive their shards from it)."""
             if not self.is_main:
                 return {}
+            if module is not None and lora.is_adapted(module):
+                return lora.read_adapters(module, directory)
             if name == POLICY:
                 return policy_weights.state_dict(self.config.model)
             return checkpoints.load_checkpoint(directory / name)["state"]
 
         try:
             for name, module in state.weights.items():
-                distributed.load_full_state_dict(module, main_state(name))
+                distributed.load_full_state_dict(module, main_state(name, module),
+                                                 trainable_only=lora.is_adapted(module))
             distributed.load_full_optimizer_state_dict(state.model, state.optimizer, main_state(OPTIMIZER))
             state.scheduler.load_state_dict(checkpoints.load_checkpoint(directory / SCHEDULER)["state"])
         except (RuntimeError, KeyError) as e:  # torch's mismatch messages run over many lines

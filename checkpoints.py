@@ -41,8 +41,10 @@ AUTO = "auto"  # resume_from value: this run's own LATEST when it is resumable
 CHECKPOINT_SIZE_FACTOR = 3
 # Settings that fix which batch comes next or what the saved optimizer state means: a resumed run must keep them.
 RESUME_INVARIANT_KEYS = ("seed", "datasets", "model.name_or_path", "model.batch_size", "loss.name", "loss.dataloader",
-                         "optimizer", "frac_unique_desirable", "frac_unique_undesirable")
-RESUME_INVARIANT_PREFIXES = ("datasets.", "dataset_weights.", "dataset_max_examples.")  # they fix the data's order
+                         "optimizer", "frac_unique_desirable", "frac_unique_undesirable", "model.use_peft",
+                         "model.load_lora_from")
+# They fix the data's order, or which parameters train and how (LoRA's settings).
+RESUME_INVARIANT_PREFIXES = ("datasets.", "dataset_weights.", "dataset_max_examples.", "model.peft.")
 # Settings that name the run rather than shape its training: changing them on resume is not worth a warning.
 RUN_IDENTITY_KEYS = ("exp_name", "cache_dir", "local_run_dir", "resume_from", "saved_policy")
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import data_config
 import dataloader
+import lora
 import shared_prompts
 import trainers
 import weights
@@ -53,10 +54,11 @@ class Invocation(NamedTuple):
 Check = Callable[[DictConfig, Invocation], List[str]]
 
 
-def yaml_keys(path: Path) -> Set[str]:
-    """Top-level keys of a YAML config file (without Hydra's own `defaults`/`hydra`)."""
+def yaml_keys(path: Path, section: Optional[str] = None) -> Set[str]:
+    """Top-level keys of a YAML config file (without Hydra's own `defaults`/`hydra`), or the keys of its `section`."""
     with open(path) as f:
-        return set(yaml.safe_load(f) or {}) - STRUCTURAL_KEYS
+        content = yaml.safe_load(f) or {}
+    return set(content[section]) if section is not None else set(content) - STRUCTURAL_KEYS
 
 
 def unknown_keys(prefix: str, present: Iterable[str], known: Set[str]) -> List[str]:
@@ -93,6 +95,9 @@ def _check_schema(config: DictConfig, invocation: Invocation) -> List[str]:
                 if key not in derived]
     problems += unknown_keys("", config.keys(), yaml_keys(CONFIG_DIR / "config.yaml") | CONFIG_GROUPS)
     problems += unknown_keys("model.", config.model.keys(), yaml_keys(CONFIG_DIR / "model" / "base_model.yaml"))
+    if isinstance(config.model.get("peft"), DictConfig):
+        problems += unknown_keys("model.peft.", config.model.peft.keys(),
+                                 yaml_keys(CONFIG_DIR / "model" / "base_model.yaml", "peft"))
     problems += unknown_keys("wandb.", config.wandb.keys(), {"enabled", "entity", "project"})
     if invocation.entry_point != "train":
         return problems
@@ -258,6 +263,11 @@ def _check_weights(config: DictConfig, invocation: Invocation) -> List[str]:
     return problems
 
 
+def _check_lora(config: DictConfig, invocation: Invocation) -> List[str]:
+    """model.use_peft, model.peft and model.load_lora_from (lora.py)."""
+    return lora.config_problems(config, invocation.n_processes)
+
+
 def _attention_problem(config: DictConfig) -> Optional[Tuple[str, str]]:
     """(the key that chose it, why it cannot run) when the model's attention implementation is unavailable here."""
     reason = attention_unavailable(attention_implementation(config.model))
@@ -312,6 +322,16 @@ def _round_eval_every(config: DictConfig, invocation: Invocation) -> List[str]:
     return [warning]
 
 
+def _unused_reference_dtype(config: DictConfig, invocation: Invocation) -> List[str]:
+    """With LoRA the reference model is the policy's own base model, in model.policy_dtype."""
+    model = config.model
+    if not (lora.uses_peft(model) and config.loss.get("use_reference_model")) \
+            or model.reference_dtype == model.policy_dtype:
+        return []
+    return [f"model.reference_dtype={model.reference_dtype} is unused with model.use_peft: the reference model is the "
+            f"policy without its adapters, in model.policy_dtype={model.policy_dtype}"]
+
+
 def _fall_back_attention(config: DictConfig, invocation: Invocation) -> List[str]:
     """Presets ask for flash-attention (llama, mistral, zephyr), which needs a GPU and the flash-attn package: without
     them the model is built with sdpa instead, and the saved config says so."""
@@ -337,12 +357,12 @@ def _fall_back_share_prompts(config: DictConfig, invocation: Invocation) -> List
 
 CHECKS: Dict[str, List[Check]] = {
     "train": [_check_schema, _check_train_mode, _check_run_name, _check_seed, _check_values, _check_classes,
-              _check_weights, _check_speed_options, _check_checkpoint_options, _check_attention],
+              _check_weights, _check_lora, _check_speed_options, _check_checkpoint_options, _check_attention],
     "eval": [_check_schema, _check_eval_mode, _check_run_name, _check_seed, _check_sampling, _check_weights,
-             _check_attention],
+             _check_lora, _check_attention],
 }
 ADJUSTMENTS: Dict[str, List[Check]] = {
-    "train": [_round_eval_every, _fall_back_attention, _fall_back_share_prompts],
+    "train": [_round_eval_every, _unused_reference_dtype, _fall_back_attention, _fall_back_share_prompts],
     "eval": [_fall_back_attention, _fall_back_share_prompts],
 }
 

@@ -276,14 +276,17 @@ def global_grad_norm(grads: Sequence[torch.Tensor]) -> float:
     return (sharded + squares(g for g in grads if not isinstance(g, DTensor))).sqrt().item()
 
 
-def full_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+def full_state_dict(model: torch.nn.Module, trainable_only: bool = False) -> Dict[str, torch.Tensor]:
     """The model's complete weights on CPU with their usual (Hugging Face) names; {} on ranks other than 0.
+    `trainable_only` leaves out the parameters that need no gradient (a LoRA policy's frozen base model).
 
     Under FSDP every rank must call this: the shards are gathered to rank 0 one tensor at a time.
     """
     if world_size() == 1:
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad} if trainable_only else set()
+        return {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in frozen}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=trainable_only))
 
 
 def full_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
@@ -293,10 +296,13 @@ def full_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Opt
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_state_dict(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
-    """Loads complete weights (as full_state_dict returns them) into a model that may be sharded, strictly. Under
-    FSDP only rank 0 needs them (other ranks pass {}): every rank receives its shards from rank 0."""
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
+def load_full_state_dict(model: torch.nn.Module, state: Dict[str, torch.Tensor],
+                         trainable_only: bool = False) -> None:
+    """Loads complete weights (as full_state_dict returns them) into a model that may be sharded, strictly unless
+    `trainable_only` (then `state` holds the trainable parameters, which the caller has checked are all there, and
+    the frozen ones keep their values; torch adds their entries to `state`). Under FSDP only rank 0 needs them
+    (other ranks pass {}): every rank receives its shards from rank 0."""
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=not trainable_only,
                                                                 broadcast_from_rank0=world_size() > 1))
 
 

@@ -31,6 +31,7 @@ from console import format_metrics, route_project_logs
 from dataloader import DataLoader
 from distributed import choose_cpu_threads
 from errors import HalosError
+from lora import without_quantization
 from models import control_tokens, from_pretrained, load_tokenizer
 from resolve import resolve_class
 from sampling import PartialSamples, sample_resumably
@@ -137,8 +138,11 @@ def policy_weights(config: DictConfig) -> Optional[weights.Weights]:
 
 
 def load_policy(config: DictConfig, tokenizer) -> torch.nn.Module:
+    """The policy to sample: saved_policy's weights, in full precision (a LoRA checkpoint's adapters merged into
+    the model training started from, model.load_from)."""
     located = policy_weights(config)
-    policy = weights.load_model(located, config.model, config.model.policy_dtype, config.seed, len(tokenizer))
+    policy = weights.load_model(located, without_quantization(config.model), config.model.policy_dtype, config.seed,
+                                len(tokenizer), base=weights.locate_in_config(config, "model.load_from"))
     print(f"policy: {located.path if located is not None else config.model.name_or_path}")
     return policy
 

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from errors import HalosError
 from hub import hub_reachable
+from lora import quantization_options
 from utils import disable_dropout
 
 
@@ -100,7 +101,8 @@ def load_causal_lm(model_config: DictConfig, dtype: str, seed: int,
     """A causal LM in `dtype` with dropout disabled; `key` is the config key named when it cannot be loaded.
 
     With `model.from_config` the architecture comes from name_or_path's config.json and the weights are random,
-    drawn from a generator seeded with `seed`: the policy and reference model built this way are identical.
+    drawn from a generator seeded with `seed`: the policy and reference model built this way are identical. With
+    QLoRA (model.peft.load_in_4bit) the weights are quantized to 4 bits on the GPU as they load.
     """
     trust_remote_code = trusts_remote_code(model_config)
     kwargs = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
@@ -112,18 +114,23 @@ def load_causal_lm(model_config: DictConfig, dtype: str, seed: int,
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, **kwargs)
     else:
-        model = from_pretrained(AutoModelForCausalLM.from_pretrained, model_config.name_or_path, key, **kwargs)
+        model = from_pretrained(AutoModelForCausalLM.from_pretrained, model_config.name_or_path, key,
+                                **kwargs, **quantization_options(model_config, dtype))
     disable_dropout(model)
     return model
 
 
-def grow_embeddings(model: PreTrainedModel, vocab_size: int) -> None:
+def grow_embeddings(model: PreTrainedModel, vocab_size: int, seed: int) -> None:
     """Grows the embedding matrix to `vocab_size` rows for added tokens.
 
-    Never shrinks: many models pad their vocabulary past the tokenizer's size (the original shrank Pythia's).
+    Never shrinks: many models pad their vocabulary past the tokenizer's size (the original shrank Pythia's). The
+    new rows are drawn from a generator seeded with `seed`, so the same model grown again is the same: a LoRA run's
+    frozen base is rebuilt for resuming, evaluating and merging its adapters.
     """
     if vocab_size > model.get_input_embeddings().weight.size(0):
-        model.resize_token_embeddings(vocab_size)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.resize_token_embeddings(vocab_size)
 
 
 class ValueHead(torch.nn.Module):

@@ -6,17 +6,23 @@ A path may name
   (a step-<N> or an unfinished LATEST);
 * a Hugging Face model directory (config.json + weights): an exported checkpoint such as a finished LATEST, or any
   fine-tuned model. `<dir>/policy.pt` of an exported checkpoint, the path the original wrote, reads its export.
-Each kind is a WeightFormat in FORMATS, tried in order; supporting another kind (a LoRA adapter directory, say) is one
-more WeightFormat there.
+* a LoRA adapter directory (adapter_config.json + adapter_model.safetensors), or a checkpoint directory holding one
+  in adapter/ (a LoRA run's checkpoint before the final one, lora.py). It holds differences from a base model, which
+  the caller names.
+Each kind is a WeightFormat in FORMATS, tried in order (so a finished LoRA run's LATEST, which holds its adapters and
+their merged model, reads as the merged model); supporting another kind is one more WeightFormat there.
 """
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from checkpoints import POLICY, CheckpointError, is_hf_model_dir, load_checkpoint, load_weights
+from lora import ADAPTER_WEIGHTS, adapter_location, merge_adapters, without_quantization
 from models import from_pretrained, grow_embeddings, load_causal_lm, trusts_remote_code
 from resolve import candidate_paths
 
@@ -30,10 +36,11 @@ class WeightFormat:
         """The file or directory this format reads for a user's `path`, or None if `path` is not of this kind."""
         raise NotImplementedError
 
-    def build(self, found: Path, model_config: DictConfig, dtype: str, seed: int, vocab_size: int,
-              key: str) -> PreTrainedModel:
+    def build(self, found: Path, model_config: DictConfig, dtype: str, seed: int, vocab_size: int, key: str,
+              base: Optional["Weights"]) -> PreTrainedModel:
         """The causal LM with these weights, its embeddings at least `vocab_size` rows (models.grow_embeddings);
-        errors name the config `key` the weights came from."""
+        errors name the config `key` the weights came from. Formats that hold differences (adapters) apply them to
+        `base`, or to model.name_or_path's model when it is None; the others ignore it."""
         raise NotImplementedError
 
     def state_dict(self, found: Path, model_config: Optional[DictConfig]) -> Dict[str, torch.Tensor]:
@@ -51,9 +58,9 @@ class PolicyFile(WeightFormat):
             return path
         return path / POLICY if (path / POLICY).is_file() else None
 
-    def build(self, found, model_config, dtype, seed, vocab_size, key):
+    def build(self, found, model_config, dtype, seed, vocab_size, key, base):
         model = load_causal_lm(model_config, dtype, seed)
-        grow_embeddings(model, vocab_size)  # a run that added tokens saved grown embeddings
+        grow_embeddings(model, vocab_size, seed)  # a run that added tokens saved grown embeddings
         load_weights(model, found)
         return model
 
@@ -67,16 +74,12 @@ class HuggingFaceDirectory(WeightFormat):
     description = "a Hugging Face model directory (with config.json)"
 
     def find(self, path: Path) -> Optional[Path]:
-        if is_hf_model_dir(path):
-            return path
-        # The original's `LATEST/policy.pt`: an exported checkpoint holds its weights in the export instead.
-        exported = path.name == POLICY and not path.exists() and is_hf_model_dir(path.parent)
-        return path.parent if exported else None
+        return directory_or_implied(path, is_hf_model_dir)
 
-    def build(self, found, model_config, dtype, seed, vocab_size, key):
+    def build(self, found, model_config, dtype, seed, vocab_size, key, base):
         model = load_causal_lm(OmegaConf.merge(model_config, {"name_or_path": str(found), "from_config": False}),
                                dtype, seed, key)
-        grow_embeddings(model, vocab_size)
+        grow_embeddings(model, vocab_size, seed)
         return model
 
     def state_dict(self, found, model_config):
@@ -87,7 +90,35 @@ class HuggingFaceDirectory(WeightFormat):
         return model.state_dict()
 
 
-FORMATS: List[WeightFormat] = [PolicyFile(), HuggingFaceDirectory()]
+class AdapterDirectory(WeightFormat):
+    """LoRA adapters, merged into the base model (peft's merge_and_unload) to give a plain causal LM."""
+
+    description = "a LoRA adapter directory (adapter_config.json + adapter_model.safetensors, or adapter/ holding them)"
+
+    def find(self, path: Path) -> Optional[Path]:
+        return directory_or_implied(path, lambda directory: adapter_location(directory) is not None)
+
+    def build(self, found, model_config, dtype, seed, vocab_size, key, base):
+        # Merged into full-precision weights: a QLoRA run's adapters too, as QLoRA's authors merge them.
+        model = load_model(base, without_quantization(model_config), dtype, seed, vocab_size)
+        return merge_adapters(model, adapter_location(found))
+
+    def state_dict(self, found, model_config):
+        # Without its base model an adapter directory holds no full state: what it holds is the adapters' tensors.
+        return load_file(adapter_location(found) / ADAPTER_WEIGHTS)
+
+
+def directory_or_implied(path: Path, is_kind) -> Optional[Path]:
+    """`path` when it is a directory of a kind (`is_kind`), or its directory when `path` is the original's
+    `<dir>/policy.pt` and `<dir>` holds that kind instead of a policy.pt."""
+    if is_kind(path):
+        return path
+    implied = path.name == POLICY and not path.exists() and is_kind(path.parent)
+    return path.parent if implied else None
+
+
+ADAPTERS = AdapterDirectory()
+FORMATS: List[WeightFormat] = [PolicyFile(), HuggingFaceDirectory(), ADAPTERS]
 
 
 class Weights(NamedTuple):
@@ -102,8 +133,9 @@ class Weights(NamedTuple):
         """The checkpoint directory, where the files beside the weights live (PPO's v_head.pt)."""
         return self.path if self.path.is_dir() else self.path.parent
 
-    def build(self, model_config: DictConfig, dtype: str, seed: int, vocab_size: int) -> PreTrainedModel:
-        return self.format.build(self.path, model_config, dtype, seed, vocab_size, self.key)
+    def build(self, model_config: DictConfig, dtype: str, seed: int, vocab_size: int,
+              base: Optional["Weights"] = None) -> PreTrainedModel:
+        return self.format.build(self.path, model_config, dtype, seed, vocab_size, self.key, base)
 
     def state_dict(self, model_config: Optional[DictConfig] = None) -> Dict[str, torch.Tensor]:
         """The causal LM's full state dict; `model_config` says whether the model's own code may run."""
@@ -125,7 +157,8 @@ def find_weights(path: Path, key: str = "checkpoint") -> Optional[Weights]:
 
 def read_policy_state(path: Path) -> Dict[str, torch.Tensor]:
     """The policy's full state dict at `path`: a checkpoint directory (policy.pt or export), a policy.pt or a
-    Hugging Face model directory. Raises CheckpointError when there are no weights there."""
+    Hugging Face model directory; for a LoRA adapter directory the adapters' tensors (peft's names). Raises
+    CheckpointError when there are no weights there."""
     found = find_weights(path)
     if found is None:
         raise CheckpointError(f"{path} holds no weights; expected one of: {expected_formats()}")
@@ -155,14 +188,23 @@ def locate_in_config(config: DictConfig, key: str) -> Optional[Weights]:
     return None if value is None else locate(str(value), config.cache_dir, key)
 
 
-def load_model(weights: Optional[Weights], model_config: DictConfig, dtype: str, seed: int,
-               vocab_size: int) -> PreTrainedModel:
-    """The causal LM with `weights`, or model.name_or_path's own (seeded random ones with from_config) for None."""
+def load_model(weights: Optional[Weights], model_config: DictConfig, dtype: str, seed: int, vocab_size: int,
+               base: Optional[Weights] = None) -> PreTrainedModel:
+    """The causal LM with `weights`, or model.name_or_path's own (seeded random ones with from_config) for None.
+    Adapters among `weights` are merged into `base` (see WeightFormat.build)."""
     if weights is not None:
-        return weights.build(model_config, dtype, seed, vocab_size)
+        return weights.build(model_config, dtype, seed, vocab_size, base)
     model = load_causal_lm(model_config, dtype, seed)
-    grow_embeddings(model, vocab_size)
+    grow_embeddings(model, vocab_size, seed)
     return model
+
+
+def merge_into_base(adapters: Path, config: DictConfig, vocab_size: int) -> PreTrainedModel:
+    """A LoRA run's base model (model.load_from's, else model.name_or_path's) in model.policy_dtype, with the
+    adapters saved in `adapters` merged into it."""
+    start = locate_in_config(config, "model.load_from")
+    return ADAPTERS.build(adapters, config.model, config.model.policy_dtype, config.seed, vocab_size, "checkpoint",
+                          start)
 
 
 def load_companions(modules: Dict[str, torch.nn.Module], weights: Weights) -> List[str]:

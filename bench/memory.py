@@ -4,7 +4,8 @@ PyTorch keeps no allocator statistics for the CPU, and `tracemalloc` does not se
 tensors instead: a TorchDispatchMode sees the output of every ATen operator, forward and backward, and a weak
 reference to each output notices when it is freed (PyTorch keeps a tensor's Python object alive as long as its
 storage is referenced from C++, e.g. saved for backward). Views share their base's storage and count once.
-Tensors created before the block (its inputs, the weights) are not counted; the gradients it creates are.
+Tensors created before the block (its inputs, the weights) are not counted unless handed to `hold`; the gradients
+it creates are.
 """
 import weakref
 from typing import Dict
@@ -29,6 +30,13 @@ class TensorMemoryTracker(TorchDispatchMode):
         for tensor in _tensors(output):
             self._track(tensor, inputs)
         return output
+
+    def hold(self, tensors) -> None:
+        """Counts these tensors from before the block (a model's weights) too, until they are freed. Weights built
+        inside the block would not count: a module wraps each new tensor in an nn.Parameter, a new Python object,
+        and the tensor the operator returned is freed at once."""
+        for tensor in tensors:
+            self._track(tensor, set())
 
     def _track(self, tensor: torch.Tensor, input_addresses: set) -> None:
         storage = tensor.untyped_storage()

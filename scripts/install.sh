@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv in the repo and installs the pinned stack: requirements.txt, which is the runtime packages plus what
-# the test suite needs (pytest, and matplotlib for compare.py --plot and its test; pyproject.toml names the same pins
-# as its dev and plot extras). torch is installed first, pinned, so that no other package can pull in a multi-GB
-# CUDA build on a CPU machine. GPU users: see environment.yml instead.
+# the test suite needs (pytest, matplotlib for compare.py --plot and its test, peft for LoRA and its tests;
+# pyproject.toml names the same pins as its dev, plot and peft extras). torch is installed first, pinned, so that no
+# other package can pull in a multi-GB CUDA build on a CPU machine. GPU users: see environment.yml instead.
 # Where the default torch wheel is a CUDA build, point TORCH_INDEX_URL at PyTorch's CPU wheel index.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
+import peft
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -174,11 +175,40 @@ def resume_observations(cache_dir: Path) -> Dict[str, float]:
                                     for a, b in zip(model.parameters(), resumed.parameters()))}
 
 
+def lora_resume_observations() -> Dict[str, object]:
+    """resume_observations for a sharded LoRA model, its checkpoint state gathered and loaded for the trainable
+    adapters only (as the Checkpointer does): the gathered keys, and the largest difference of any parameter (base
+    or adapter) between the original and the resumed model after the second step."""
+    def adapted_model_and_optimizer(seed: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # new adapters differ by rank and by model: loading must overwrite them all
+            model = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        distributed.shard_model(model, "LlamaDecoderLayer", None)
+        return model, torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    model, optimizer = adapted_model_and_optimizer(seed=distributed.rank())
+    optimizer_step(model, optimizer)
+    weights = distributed.full_state_dict(model, trainable_only=True)
+    optimizer_state = distributed.full_optimizer_state_dict(model, optimizer)
+    # Read before loading: torch's loader fills the frozen entries into the dict it is given.
+    saved_keys, optimizer_keys = sorted(weights), sorted(optimizer_state.get("state", {}))
+    resumed, resumed_optimizer = adapted_model_and_optimizer(seed=2 + distributed.rank())
+    distributed.load_full_state_dict(resumed, weights if distributed.is_main_process() else {}, trainable_only=True)
+    distributed.load_full_optimizer_state_dict(resumed, resumed_optimizer,
+                                               optimizer_state if distributed.is_main_process() else {})
+    optimizer_step(model, optimizer)
+    optimizer_step(resumed, resumed_optimizer)
+    return {"saved_keys": saved_keys, "optimizer_keys": optimizer_keys,
+            "resumed_max_diff": max((a.full_tensor() - b.full_tensor()).abs().max().item()
+                                    for a, b in zip(model.parameters(), resumed.parameters()))}
+
+
 def two_process_session(cache_dir: Path, runs: Sequence[Tuple[str, str, Sequence[str]]]) -> None:
     """Everything the tests need from one 2-process group (starting processes is the slow part): each rank writes
     its observations to <cache_dir>/observations-<rank>.json, then the recorded (loss, exp_name, extra) runs."""
     observations = {"collectives": collective_observations(), "state_dict": state_dict_observations(),
-                    "checkpointing": checkpointing_observations(), "resume": resume_observations(cache_dir)}
+                    "checkpointing": checkpointing_observations(), "resume": resume_observations(cache_dir),
+                    "lora_resume": lora_resume_observations()}
     with open(cache_dir / f"observations-{distributed.rank()}.json", "w") as f:
         json.dump(observations, f)
     for loss, exp_name, extra in runs:

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 import distributed
 import distributed_worker as worker
+import lora
 from builders import build_dataloader
 from checkpoints import checkpoint_info
 from errors import HalosError
@@ -29,6 +30,11 @@ PAIRED_LOSSES = ("dpo", "cdpo", "rdpo", "ipo", "simpo", "orpo", "slic", "hinge",
 UNPAIRED_LOSSES = ("kto", "kto-zero", "bco")
 TWO_PROCESS_LOSSES = PAIRED_LOSSES + UNPAIRED_LOSSES
 MIXED_PRECISION_RUN = ("sft", "sft-bf16", ("model.fsdp_policy_mp=bfloat16", "model.policy_dtype=float32"))
+# LoRA under FSDP: frozen base and trainable adapters share each sharded block; the reference is the sharded policy
+# with its adapters disabled. The 2-process runs add activation checkpointing (DPO) and the reference cache (KTO),
+# which change nothing but memory. lr=1e-3: LoRA's B starts at 0 and must move well beyond the tolerances.
+LORA = ("model.use_peft=true", "model.peft.r=4", "lr=1e-3")
+LORA_RUNS = {"dpo": ("model.activation_checkpointing=true",), "kto": ("cache_reference_logprobs=true",)}
 # The recorded runs compute in float64 (worker.recorded_run_overrides), so summing in another order (1 vs 2 processes,
 # other micro-batches, other packing) changes values by ~1e-13 relative; the slack is many orders above that, and
 # stays so on any CPU. (In float32 a loss such as sppo-hard, whose derivative in the summed log-ratio is ~10, turns
@@ -41,6 +47,7 @@ def two_process_dir(tmp_path_factory):
     """Runs the 2-process session: observations plus a recorded run per loss in TWO_PROCESS_LOSSES and bf16 SFT."""
     cache_dir = tmp_path_factory.mktemp("two_processes")
     runs = [(loss, f"{loss}-2", ()) for loss in TWO_PROCESS_LOSSES] + [MIXED_PRECISION_RUN]
+    runs += [(loss, f"{loss}-lora-2", LORA + extra) for loss, extra in LORA_RUNS.items()]
     distributed.spawn(worker.two_process_session, (cache_dir, runs), n_processes=2)
     return cache_dir
 
@@ -51,6 +58,8 @@ def one_process_dir(tmp_path_factory):
     cache_dir = tmp_path_factory.mktemp("one_process")
     for loss in ("sft",) + TWO_PROCESS_LOSSES:
         worker.run_recorded(loss, f"{loss}-1", cache_dir)
+    for loss in LORA_RUNS:
+        worker.run_recorded(loss, f"{loss}-lora-1", cache_dir, LORA)
     return cache_dir
 
 
@@ -115,6 +124,29 @@ def test_activation_checkpointing_recomputes_sharded_blocks_with_the_same_gradie
 def test_two_processes_match_one(loss, one_process_dir, two_process_dir):
     assert_same_run(one_process_dir / f"{loss}-1", two_process_dir / f"{loss}-2")
     assert_trained(two_process_dir / f"{loss}-2")
+
+
+@pytest.mark.parametrize("loss", LORA_RUNS)
+def test_lora_on_two_processes_matches_one(loss, one_process_dir, two_process_dir):
+    """Compared through the final merged exports; the adapters themselves are compared too, and moved."""
+    one_dir, two_dir = one_process_dir / f"{loss}-lora-1", two_process_dir / f"{loss}-lora-2"
+    assert_same_run(one_dir, two_dir)
+    one_adapters, two_adapters = (read_policy_state(d / "LATEST" / lora.ADAPTER_DIR) for d in (one_dir, two_dir))
+    assert one_adapters.keys() == two_adapters.keys() and len(one_adapters) == 28
+    for name in one_adapters:
+        torch.testing.assert_close(two_adapters[name], one_adapters[name], rtol=0, atol=1e-5)
+    assert min(t.abs().max().item() for name, t in two_adapters.items() if "lora_B" in name) > 1e-3
+
+
+def test_a_sharded_lora_model_resumes_exactly_from_its_adapters_alone(two_process_dir):
+    """Frozen base and trainable adapters in the same FSDP units: the gathered checkpoint state holds the adapters
+    only (and their optimizer state), and loading it into a fresh sharded model with other new adapters on each rank
+    gives the same next step, bit for bit, on both ranks."""
+    main, other = (observations(two_process_dir, rank)["lora_resume"] for rank in (0, 1))
+    assert main["saved_keys"] and all("lora_" in key for key in main["saved_keys"])
+    assert len(main["saved_keys"]) == 2 * 7 * 2  # A and B of the 7 linear layers of each of the 2 blocks
+    assert main["optimizer_keys"] == main["saved_keys"]
+    assert main["resumed_max_diff"] == 0.0 and other["resumed_max_diff"] == 0.0
 
 
 def test_torchrun_sft_with_activation_checkpointing_matches_one_process(one_process_dir, tmp_path):
