@@ -232,6 +232,11 @@ class AdapterFreeReference:
         """The base model's config (logps.model_logps reads its attention implementation)."""
         return self.adapted.config
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The base model's dtype (shared-prompt masks are built in it)."""
+        return self.adapted.dtype
+
     def __call__(self, *args, **kwargs):
         with torch.no_grad(), self.adapted.disable_adapter():
             return self.policy(*args, **kwargs)

@@ -224,12 +224,14 @@ class SharingSpy:
 
 
 @pytest.mark.parametrize("loss, extra", [("dpo", ()), ("kto", ()), ("dpo", ("++cache_reference_logprobs=true",)),
-                                         ("kto", ("++cache_reference_logprobs=true",))])
+                                         ("kto", ("++cache_reference_logprobs=true",)),
+                                         ("dpo", ("++model.use_peft=true",))])
 def test_training_with_shared_prompts_gives_the_unshared_losses_and_weights(loss, extra, tmp_path, monkeypatch):
     """Recorded float64 runs (tests/distributed_worker.py): 4 optimizer steps, an evaluation, the final weights.
     DPO shares each pair's prompt in the policy's and the reference's passes; KTO in the reference's pass over its
     target and KL rows, whose prompts are the same. With the reference cache, its replay runs the reference's
-    passes shared (the cache file is keyed by sharing, so the two runs fill their own)."""
+    passes shared (the cache file is keyed by sharing, so the two runs fill their own). With LoRA the reference is
+    the policy with its adapters disabled, whose passes share prompts too."""
     unshared = worker.run_recorded(loss, f"{loss}-unshared", tmp_path, ["share_prompts=false", *extra]).parent
     spy = SharingSpy(monkeypatch)
     shared = worker.run_recorded(loss, f"{loss}-shared", tmp_path, ["share_prompts=true", *extra]).parent
