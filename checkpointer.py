@@ -14,10 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 import checkpoints
 import distributed
 import weights
-from checkpoints import LATEST, OPTIMIZER, POLICY, SCHEDULER, TRAINER_STATE, CheckpointError, save_checkpoint
+from checkpoints import LATEST, OPTIMIZER, POLICY, REFERENCE, SCHEDULER, TRAINER_STATE, CheckpointError, save_checkpoint
 from console import say
 
 KINDS = ("intermediate", "resumable", "final")
+RESUME_ONLY = (REFERENCE,)  # weights a resumed run needs that are no result of it (humanline's synced reference)
 
 
 class TrainingState(NamedTuple):
@@ -59,7 +60,8 @@ class Checkpointer:
         * resumable: `LATEST` with also optimizer.pt and scheduler.pt: everything `restore` needs.
         * final: `LATEST` of the finished run.
         The policy's weights are written once: as a Hugging Face export in the final checkpoint and, with
-        export_intermediate, in every checkpoint; as policy.pt otherwise. trainer_state.pt (counters, metrics, RNG
+        export_intermediate, in every checkpoint; as policy.pt otherwise. RESUME_ONLY weights go into resumable
+        checkpoints only. trainer_state.pt (counters, metrics, RNG
         states, config) is in every checkpoint.
         """
         if kind not in KINDS:
@@ -68,7 +70,8 @@ class Checkpointer:
         metrics = state.values["last_eval_metrics"]
         directory = self.run_dir / f"step-{step}" if kind == "intermediate" else self.latest
         exported = kind == "final" or self.config.export_intermediate
-        module_states = {name: distributed.full_state_dict(module) for name, module in state.weights.items()}
+        module_states = {name: distributed.full_state_dict(module) for name, module in state.weights.items()
+                         if kind == "resumable" or name not in RESUME_ONLY}
         optimizer_state = distributed.full_optimizer_state_dict(state.model, state.optimizer) \
             if kind == "resumable" else None
         if self.is_main:

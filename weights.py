@@ -5,19 +5,23 @@ A path may name
 * a `policy.pt` (checkpoints.save_checkpoint's `{step_idx, state, metrics}`), or a checkpoint directory holding one
   (a step-<N> or an unfinished LATEST);
 * a Hugging Face model directory (config.json + weights): an exported checkpoint such as a finished LATEST, or any
-  fine-tuned model. `<dir>/policy.pt` of an exported checkpoint, the path the original wrote, reads its export.
+  fine-tuned model. `<dir>/policy.pt` of an exported checkpoint, the path the original wrote, reads its export;
+* a Hugging Face sequence-classification directory: an exported reward model (loss=bradley-terry), loaded as one.
 Each kind is a WeightFormat in FORMATS, tried in order; supporting another kind (a LoRA adapter directory, say) is one
 more WeightFormat there.
 """
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
+import json
+
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from checkpoints import POLICY, CheckpointError, is_hf_model_dir, load_checkpoint, load_weights
-from models import from_pretrained, grow_embeddings, load_causal_lm, trusts_remote_code
+from models import from_pretrained, grow_embeddings, load_causal_lm, model_kwargs, trusts_remote_code
+from utils import disable_dropout
 from resolve import candidate_paths
 
 
@@ -25,6 +29,7 @@ class WeightFormat:
     """One kind of weights location. Subclasses implement the three methods."""
 
     description = ""  # for error messages: "a policy.pt ..."
+    holds_reward_model = False  # what it builds: a causal LM, or a reward model (a sequence classifier)
 
     def find(self, path: Path) -> Optional[Path]:
         """The file or directory this format reads for a user's `path`, or None if `path` is not of this kind."""
@@ -67,10 +72,11 @@ class HuggingFaceDirectory(WeightFormat):
     description = "a Hugging Face model directory (with config.json)"
 
     def find(self, path: Path) -> Optional[Path]:
-        if is_hf_model_dir(path):
+        if is_hf_model_dir(path) and not is_sequence_classifier_dir(path):
             return path
         # The original's `LATEST/policy.pt`: an exported checkpoint holds its weights in the export instead.
-        exported = path.name == POLICY and not path.exists() and is_hf_model_dir(path.parent)
+        exported = path.name == POLICY and not path.exists() and is_hf_model_dir(path.parent) \
+            and not is_sequence_classifier_dir(path.parent)
         return path.parent if exported else None
 
     def build(self, found, model_config, dtype, seed, vocab_size, key):
@@ -87,7 +93,41 @@ class HuggingFaceDirectory(WeightFormat):
         return model.state_dict()
 
 
-FORMATS: List[WeightFormat] = [PolicyFile(), HuggingFaceDirectory()]
+class SequenceClassifierDirectory(WeightFormat):
+    """A Hugging Face sequence-classification directory (its config.json names a *ForSequenceClassification
+    architecture): a reward model, built as one."""
+
+    description = "a Hugging Face sequence-classification (reward model) directory"
+    holds_reward_model = True
+
+    def find(self, path: Path) -> Optional[Path]:
+        return path if is_sequence_classifier_dir(path) else None
+
+    def build(self, found, model_config, dtype, seed, vocab_size, key):
+        model = self.load(found, model_config, dtype, key)
+        grow_embeddings(model, vocab_size)
+        return model
+
+    def state_dict(self, found, model_config):
+        return self.load(found, model_config, "float32", "checkpoint").state_dict()
+
+    @staticmethod
+    def load(found: Path, model_config: Optional[DictConfig], dtype: str, key: str) -> PreTrainedModel:
+        kwargs = model_kwargs(model_config, dtype) if model_config is not None else {"dtype": getattr(torch, dtype)}
+        model = from_pretrained(AutoModelForSequenceClassification.from_pretrained, str(found), key, **kwargs)
+        disable_dropout(model)
+        return model
+
+
+def is_sequence_classifier_dir(path: Path) -> bool:
+    """Whether `path` is a Hugging Face model directory of a sequence classifier (a reward model)."""
+    if not is_hf_model_dir(path):
+        return False
+    architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    return any(name.endswith("ForSequenceClassification") for name in architectures)
+
+
+FORMATS: List[WeightFormat] = [PolicyFile(), SequenceClassifierDirectory(), HuggingFaceDirectory()]
 
 
 class Weights(NamedTuple):

@@ -79,7 +79,9 @@ def test_sample_file_has_the_test_prompts_their_targets_and_nothing_else(run_dir
         ("sample", "tiny", N_SAMPLES)
     samples = content["samples"]
     assert len(samples) == N_SAMPLES  # not rounded up to whole batches of eval_batch_size=8
-    assert all(set(s) == {"prompt", "chosen", "policy"} and isinstance(s["policy"], str) for s in samples)
+    assert all(set(s) == set(eval_py.SAMPLE_KEYS) and isinstance(s["policy"], str) for s in samples)
+    assert [(s["prompt_id"], s["sample_index"]) for s in samples] == [(k, 0) for k in range(N_SAMPLES)]
+    assert all(s["prompt_messages"][-1]["role"] == "user" for s in samples)
     assert any(s["policy"] for s in samples)
 
     # The same prompts, in the same order, as the SFT loader gives for the test split with the run's seed.

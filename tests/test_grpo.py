@@ -1,0 +1,110 @@
+"""Scored feedback and loss=grpo: the scored row schema, the group loader's statistics, training from the command
+line, exact resume. The token mean's invariance to accumulation and processes is in tests/test_distributed.py."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from crash_resume import crash_and_resume
+from dataloader import DataSpec, LoaderOptions, ScoredGroupDataLoader
+from feedback.examples import DataError
+from feedback.rows import load_source
+from feedback.sources import SourceSpec
+from scored_data import write_scored_dataset
+from train import train
+from weights import read_policy_state
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CAT = "Name a cat."
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_scored_rows_form_one_group_per_prompt(tmp_path):
+    """Rows of one prompt (a string or the same message list) merge into one Example with a score per response;
+    the best-scored one is the SFT target."""
+    rows = [{"prompt": CAT, "completion": "Tom.", "score": 0.5},
+            {"prompt": [{"role": "user", "content": CAT}], "completion": "Felix.", "score": 2},
+            {"prompt": CAT, "completion": "A dog.", "score": -1.0},
+            {"prompt": "Name a dog.", "completion": "Rex.", "score": 1.0}]
+    data = load_source(SourceSpec("scored", str(write_jsonl(tmp_path / "train.jsonl", rows))), "train")
+    cats, dogs = data.data.values()
+    assert (cats.generations, cats.scores, cats.sft_index) == (["Tom.", "Felix.", "A dog."], [0.5, 2.0, -1.0], 1)
+    assert (cats.pairs, cats.desirable, dogs.scores) == ([], [], [1.0])
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({"prompt": CAT, "completion": "Tom.", "score": "high"}, "field 'score' is 'high'; expected a finite number"),
+    ({"prompt": CAT, "completion": "Tom.", "score": float("nan")}, "expected a finite number"),
+    ({"prompt": CAT, "completion": "Tom.", "score": 1, "label": True}, "row mixes more than one of the schemas"),
+    ({"prompt": CAT, "chosen": "Tom.", "rejected": "Rex."}, "this prompt has both scored and other feedback rows"),
+])
+def test_malformed_scored_rows_are_one_line_errors(tmp_path, row, problem):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": CAT, "completion": "Felix.", "score": 1.0}, row])
+    with pytest.raises(DataError) as caught:
+        load_source(SourceSpec("scored", str(path)), "train")
+    assert str(caught.value).startswith(f"'{path}' row 2: ") and problem in str(caught.value)
+
+
+def test_the_group_loader_gives_every_response_its_whole_groups_statistics(tmp_path, tiny_tokenizer):
+    """Each response carries its score and the mean and population std of all scores given to its prompt, however
+    the batches split the group; a prompt with a single scored response has no group and is left out."""
+    rows = [{"prompt": CAT, "completion": text, "score": score} for text, score in (("Tom.", 1.0), ("Felix.", 3.0),
+                                                                                      ("A dog.", 2.0))]
+    rows.append({"prompt": "Name a dog.", "completion": "Rex.", "score": 5.0})
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    loader = ScoredGroupDataLoader(DataSpec(["scored"], local_paths={"scored": str(tmp_path)}), tiny_tokenizer,
+                                   "train", LoaderOptions(batch_size=1, n_epochs=1, max_length=64, max_prompt_length=32))
+    seen = sorted((batch["target_text"][0], batch["score"][0], batch["group_mean"][0], batch["group_std"][0])
+                  for batch in loader)
+    std = math.sqrt(2 / 3)
+    assert seen == [("A dog.", 2.0, 2.0, std), ("Felix.", 3.0, 2.0, std), ("Tom.", 1.0, 2.0, std)]
+
+
+def test_the_group_loader_refuses_feedback_without_scores(tiny_tokenizer):
+    spec = DataSpec(["hh"], local_paths={"hh": str(REPO_ROOT / "data" / "hh-rlhf")})
+    with pytest.raises(DataError, match="group losses need one score per generation, it has 0 scores for 2 "
+                                        "generations .scored feedback rows give them"):
+        ScoredGroupDataLoader(spec, tiny_tokenizer, "train", LoaderOptions(batch_size=4, n_epochs=1))
+
+
+def grpo_overrides(data_dir: Path, cache_dir: Path, exp_name: str):
+    return ["loss=grpo", "model=tiny", "datasets=[scored]", "mode=train", f"exp_name={exp_name}",
+            f"cache_dir={cache_dir}", f"++local_datasets.scored={data_dir}", "wandb.enabled=false", "lr=1e-4",
+            "warmup_steps=0", "n_epochs=null", "n_examples=48", "n_eval_examples=8", "model.batch_size=8",
+            "eval_every=24", "checkpoint_every=16", "model.max_length=128", "model.max_prompt_length=64"]
+
+
+def test_grpo_trains_from_the_command_line(tmp_path):
+    data_dir = write_scored_dataset(tmp_path / "scored")
+    result = subprocess.run([sys.executable, "train.py", *grpo_overrides(data_dir, tmp_path, "grpo")],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "WANDB_MODE": "disabled"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ScoredGroupDataLoader" in result.stdout and "rewards_train/advantages=" in result.stdout
+    final = read_policy_state(tmp_path / "grpo" / "LATEST")
+    assert set(final) >= {"lm_head.weight", "model.embed_tokens.weight"}
+
+
+def test_grpo_resumes_bitwise(tmp_path, monkeypatch):
+    data_dir = write_scored_dataset(tmp_path / "scored")
+
+    def compose_run(cache_dir: Path, *extra: str):
+        with initialize_config_dir(config_dir=str(REPO_ROOT / "config"), version_base=None):
+            return compose(config_name="config", overrides=[*grpo_overrides(data_dir, cache_dir, "grpo"), *extra])
+
+    expected = read_policy_state(train(compose_run(tmp_path / "a"), "grpo"))
+    resumed_from, resumed = crash_and_resume(lambda *extra: compose_run(tmp_path / "b", *extra), "grpo", monkeypatch,
+                                             crash_before_batch=4)
+    assert resumed_from == 24  # the checkpoint after the evaluation at 24 examples
+    actual = read_policy_state(resumed)
+    assert all(torch.equal(actual[k], expected[k]) for k in expected)
