@@ -1,12 +1,17 @@
 """Scored-feedback files for tests: groups of responses to real HH prompts, each response scored, in the scored row
-schema (`prompt`, `completion`, `score`) that train.py reads as a local dataset."""
+schema (`prompt`, `completion`, `score`) that train.py reads as a local dataset; and a tiny reward model."""
 import gzip
 import json
 import random
 from pathlib import Path
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from models import RewardModel
 from utils import REPO_ROOT
 
+TINY_MODEL_DIR = REPO_ROOT / "assets" / "tiny-llama"
 HH_TRAIN = REPO_ROOT / "data" / "hh-rlhf" / "harmless-base" / "train.jsonl.gz"
 
 
@@ -41,4 +46,16 @@ def write_scored_dataset(directory: Path, n_train: int = 40, n_test: int = 8, se
             for row in part:
                 for scored in scored_rows(row, rng):
                     handle.write(json.dumps(scored) + "\n")
+    return directory
+
+
+def write_tiny_reward_model(directory: Path) -> Path:
+    """`directory` holding a sequence classifier around the tiny LM (seeded random weights and head) and its
+    tokenizer: a reward model label.py can load."""
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    torch.manual_seed(0)
+    reward_model = RewardModel(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_MODEL_DIR)))
+    reward_model.classifier.config.pad_token_id = tokenizer.eos_token_id
+    reward_model.classifier.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     return directory

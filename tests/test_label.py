@@ -10,17 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import label as label_py
 from judge_server import WINNER_MARKER, JudgeServer
 from label import LabelError, LabelSettings, label, read_score_log
-from models import RewardModel
 from reward_scoring import RewardScorer
+from scored_data import write_tiny_reward_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TINY_MODEL_DIR = REPO_ROOT / "assets" / "tiny-llama"
 PROMPT = "\n<|user|>\nName a pet number {}.\n<|assistant|>\n"
 
 
@@ -36,15 +33,7 @@ def write_samples(path: Path, n_prompts: int, per_prompt: int) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_reward_model(tmp_path_factory) -> Path:
-    """A sequence-classifier directory around the tiny LM (a seeded random head) with its tokenizer."""
-    directory = tmp_path_factory.mktemp("reward_model")
-    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
-    torch.manual_seed(0)
-    reward_model = RewardModel(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_MODEL_DIR)))
-    reward_model.classifier.config.pad_token_id = tokenizer.eos_token_id
-    reward_model.classifier.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return write_tiny_reward_model(tmp_path_factory.mktemp("reward_model"))
 
 
 def read_rows(path: Path):
