@@ -6,11 +6,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import List
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+import distributed
+import distributed_worker as worker
 from crash_resume import crash_and_resume
 from dataloader import DataSpec, LoaderOptions, ScoredGroupDataLoader
 from feedback.examples import DataError
@@ -108,3 +111,27 @@ def test_grpo_resumes_bitwise(tmp_path, monkeypatch):
     assert resumed_from == 24  # the checkpoint after the evaluation at 24 examples
     actual = read_policy_state(resumed)
     assert all(torch.equal(actual[k], expected[k]) for k in expected)
+
+
+def grpo_recorded_overrides(data_dir: Path, *extra: str) -> List[str]:
+    """A recorded float64 run (tests/distributed_worker.py) of grpo on scored groups."""
+    return ["datasets=[scored]", f"++local_datasets.scored={data_dir}", "model.max_length=128",
+            "model.max_prompt_length=64", *extra]
+
+
+def test_grpo_token_mean_is_invariant_to_accumulation_and_processes(tmp_path):
+    """The step's token mean (prepare_step's all-reduced token count) makes 4 x 1 == 1 x 4 == 2 processes x 2: the
+    same losses, gradient norms and weights within float64 summation-order slack (tests/test_distributed.py)."""
+    data_dir = write_scored_dataset(tmp_path / "scored")
+    shape = lambda batch_size, accumulation: grpo_recorded_overrides(  # noqa: E731
+        data_dir, "n_examples=8", f"model.batch_size={batch_size}",
+        f"model.gradient_accumulation_steps={accumulation}", "do_first_eval=false")
+    one = worker.run_recorded("grpo", "grpo-4x1", tmp_path, shape(4, 1)).parent
+    accumulated = worker.run_recorded("grpo", "grpo-1x4", tmp_path, shape(1, 4)).parent
+    distributed.spawn(worker.run_recorded, ("grpo", "grpo-2p", tmp_path, shape(4, 1)), n_processes=2)
+    for other in (accumulated, tmp_path / "grpo-2p"):
+        differences = worker.compare_runs(one, other)
+        assert differences.pop("steps") == 2
+        assert max(differences.values()) <= 1e-5, (other.name, differences)
+    initial, final = worker.tiny_model().state_dict(), read_policy_state(one / "LATEST")
+    assert max((final[k] - initial[k]).abs().max().item() for k in final) > 1e-3  # the runs did train

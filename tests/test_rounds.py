@@ -76,7 +76,6 @@ def test_two_rounds_killed_twice_and_rerun_equal_an_uninterrupted_run(tmp_path, 
     assert summary_table(tmp_path / "b") == table
 
 
-@pytest.mark.slow
 def test_two_grpo_rounds_from_scored_labels(tmp_path, reward_model):
     rounds.main(rounds_argv(tmp_path, reward_model, loss="grpo"))
     rows = [json.loads(line) for line in (tmp_path / "round-1" / "labels" / "train.jsonl").read_text().splitlines()]
