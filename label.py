@@ -17,6 +17,7 @@ See docs/online.md.
     python label.py -f samples/round1.json -o data/round1 --reward_model .cache/rm/LATEST --format pairwise
 """
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -61,6 +62,13 @@ class Sample:
     @property
     def key(self) -> str:
         return f"{self.prompt_id}/{self.sample_index}"
+
+    @property
+    def log_key(self) -> str:
+        """The key of its score in scores.jsonl: its position and a hash of its texts, so that a re-made sample
+        file is scored again wherever its texts changed."""
+        digest = hashlib.blake2b(json.dumps([self.prompt, self.response]).encode(), digest_size=8).hexdigest()
+        return f"{self.key}/{digest}"
 
     def row_prompt(self):
         """The prompt as a training row gives it: its messages (so chat templates apply) or its text."""
@@ -114,7 +122,7 @@ def read_samples(path: Path) -> Tuple[List[List[Sample]], dict]:
 
 
 def read_score_log(path: Path) -> Dict[str, float]:
-    """sample key -> score of a scores.jsonl log; a last line cut short by a crash is dropped."""
+    """log key -> score of a scores.jsonl log; a last line cut short by a crash is dropped."""
     if not path.exists():
         return {}
     drop_partial_last_line(path)
@@ -132,7 +140,7 @@ def reward_model_scores(samples: Sequence[Sample], settings: LabelSettings, samp
     """Every sample's reward-model score, appended to scores.jsonl batch by batch; scored samples are skipped."""
     log = settings.output / SCORES_FILE
     scores = read_score_log(log)
-    todo = [sample for sample in samples if sample.key not in scores]
+    todo = [sample for sample in samples if sample.log_key not in scores]
     if todo:
         scorer = RewardScorer.load(settings.reward_model, settings.tokenizer)
         with open(log, "a", encoding="utf-8") as handle, tqdm(total=len(samples), initial=len(samples) - len(todo),
@@ -140,11 +148,11 @@ def reward_model_scores(samples: Sequence[Sample], settings: LabelSettings, samp
             for start in range(0, len(todo), settings.batch_size):
                 batch = todo[start:start + settings.batch_size]
                 for sample, score in zip(batch, scorer.score([(s.prompt, s.response) for s in batch])):
-                    handle.write(json.dumps({"key": sample.key, "score": score}) + "\n")
-                    scores[sample.key] = score
+                    handle.write(json.dumps({"key": sample.log_key, "score": score}) + "\n")
+                    scores[sample.log_key] = score
                 handle.flush()
                 progress.update(len(batch))
-    return scores
+    return {sample.key: scores[sample.log_key] for sample in samples}
 
 
 def judge_scores(samples: Sequence[Sample], settings: LabelSettings, sample_config: dict) -> Dict[str, float]:

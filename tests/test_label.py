@@ -151,3 +151,18 @@ def test_bad_input_is_a_one_line_error(tmp_path, tiny_reward_model, samples, set
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_remade_sample_file_is_scored_again_where_its_texts_changed(tiny_reward_model, tmp_path):
+    samples = write_samples(tmp_path / "samples.json", n_prompts=2, per_prompt=2)
+    settings = LabelSettings(samples=samples, output=tmp_path / "out", format="scored",
+                             reward_model=str(tiny_reward_model), test_every=2)
+    first = label(settings)["scores"]
+    content = json.loads(samples.read_text())
+    content["samples"][3]["policy"] = "A bird."
+    samples.write_text(json.dumps(content))
+    second = label(settings)["scores"]
+    expected = RewardScorer.load(str(tiny_reward_model)).score([(content["samples"][3]["prompt"], "A bird.")])[0]
+    assert {k: v for k, v in second.items() if k != "1/1"} == {k: v for k, v in first.items() if k != "1/1"}
+    assert abs(second["1/1"] - expected) <= 1e-5 and second["1/1"] != first["1/1"]
+    assert len((tmp_path / "out" / label_py.SCORES_FILE).read_text().splitlines()) == 5
