@@ -1,6 +1,6 @@
 """Semi-online alignment: N rounds of sample -> label -> train, each round starting from the previous round's policy.
 
-    python rounds.py --dir runs/online --rounds 2 --loss dpo --reward_model .cache/tiny_rm/LATEST \\
+    python rounds.py --dir .cache/online --rounds 2 --loss dpo --reward_model .cache/tiny_rm/LATEST \\
         --prompts hh --n_prompts 16 --num_samples_per_prompt 4 -- model=tiny wandb.enabled=false n_examples=32
 
 Round r (1..N), in <dir>/round-<r>/:
