@@ -57,6 +57,8 @@ class BasicTrainer:
       micro-batch's loss output, is updated at each optimizer step and is saved in resumable checkpoints.
     * `hyperparameters`: `{key: losses.Rule}` for the `loss.<key>` values the loss reads, checked before anything
       loads (merged along the class hierarchy).
+    * `trains_reward_model`: the policy is a reward model (a sequence classifier, models.RewardModel), not a causal
+      LM; which weights model.load_from may name follows from it.
 
     Counters: `example_counter` counts training examples (the x-axis of every log and the N of `step-N`
     checkpoints), `batch_counter` iterator batches (micro-steps), `update_counter` optimizer steps.
@@ -65,6 +67,7 @@ class BasicTrainer:
     requires_reference_model = False
     reference_logps_cacheable = False  # reference log-probs come only from sequence_logps (cache_reference_logprobs)
     token_level_logps = False
+    trains_reward_model = False
     loss_state_class: Optional[type] = None
     hyperparameters: Dict[str, losses.Rule] = {}
     compatible_dataloaders: Tuple[type, ...] = (dataloader.DataLoader,)  # loaders whose batches this trainer reads
@@ -310,7 +313,12 @@ class BasicTrainer:
         if self.loss_state is not None:
             self.loss_state.step()
         self.update_counter += 1
+        self.after_optimizer_step()
         return grad_norm
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step, once update_counter counts it (humanline re-syncs its reference model
+        here). Nothing by default."""
 
     def clip_gradient(self) -> float:
         """Clips the policy's global gradient norm to model.max_grad_norm and returns the norm before clipping."""

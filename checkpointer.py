@@ -15,10 +15,11 @@ import checkpoints
 import distributed
 import lora
 import weights
-from checkpoints import LATEST, OPTIMIZER, POLICY, SCHEDULER, TRAINER_STATE, CheckpointError, save_checkpoint
+from checkpoints import LATEST, OPTIMIZER, POLICY, REFERENCE, SCHEDULER, TRAINER_STATE, CheckpointError, save_checkpoint
 from console import say
 
 KINDS = ("intermediate", "resumable", "final")
+RESUME_ONLY = (REFERENCE,)  # weights a resumed run needs that are no result of it (humanline's synced reference)
 
 
 class TrainingState(NamedTuple):
@@ -61,8 +62,9 @@ class Checkpointer:
         * final: `LATEST` of the finished run.
         The policy's weights are written once: as a Hugging Face export in the final checkpoint and, with
         export_intermediate, in every checkpoint; as policy.pt otherwise. A LoRA policy's are its adapters
-        (adapter_config.json + adapter_model.safetensors), with the merged model exported beside them.
-        trainer_state.pt (counters, metrics, RNG states, config) is in every checkpoint.
+        (adapter_config.json + adapter_model.safetensors), with the merged model exported beside them. RESUME_ONLY
+        weights go into resumable checkpoints only. trainer_state.pt (counters, metrics, RNG states, config) is in
+        every checkpoint.
         """
         if kind not in KINDS:
             raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
@@ -72,7 +74,7 @@ class Checkpointer:
         exported = kind == "final" or self.config.export_intermediate
         # A LoRA policy's frozen base is never gathered: resuming and merging rebuild it from the config.
         module_states = {name: distributed.full_state_dict(module, trainable_only=lora.is_adapted(module))
-                         for name, module in state.weights.items()}
+                         for name, module in state.weights.items() if kind == "resumable" or name not in RESUME_ONLY}
         optimizer_state = distributed.full_optimizer_state_dict(state.model, state.optimizer) \
             if kind == "resumable" else None
         if self.is_main:

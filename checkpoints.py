@@ -34,7 +34,7 @@ from errors import HalosError
 from resolve import resolve_path
 
 LATEST = "LATEST"
-POLICY, V_HEAD = "policy.pt", "v_head.pt"
+POLICY, V_HEAD, REFERENCE = "policy.pt", "v_head.pt", "reference.pt"  # reference.pt: humanline's synced reference
 OPTIMIZER, SCHEDULER, TRAINER_STATE = "optimizer.pt", "scheduler.pt", "trainer_state.pt"
 AUTO = "auto"  # resume_from value: this run's own LATEST when it is resumable
 # The new checkpoint's weights and optimizer state (up to 2x the weights for Adam) beside the previous one's weights.

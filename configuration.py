@@ -29,6 +29,7 @@ from errors import ConfigError, HalosError
 from models import ATTENTION_IMPLEMENTATIONS, attention_implementation, attention_unavailable
 from resolve import resolve_class, resolve_path
 from utils import REPO_ROOT
+from vllm_sampling import SAMPLERS
 
 CONFIG_DIR = REPO_ROOT / "config"
 STRUCTURAL_KEYS = {"defaults", "hydra"}
@@ -252,20 +253,42 @@ def _check_seed(config: DictConfig, invocation: Invocation) -> List[str]:
 
 def _check_weights(config: DictConfig, invocation: Invocation) -> List[str]:
     """model.load_from (both entry points: eval.py's reference model and default policy start there) and
-    saved_policy (eval.py) name weights that the loader can read (weights.py)."""
+    saved_policy (eval.py) name weights that the loader can read (weights.py), of the kind the run needs: a causal
+    LM, or for a reward model's own checkpoints (loss=bradley-terry) a sequence classifier."""
     keys = ("model.load_from", "saved_policy") if invocation.entry_point == "eval" else ("model.load_from",)
     problems = []
     for key in keys:
         try:
-            weights.locate_in_config(config, key)
+            located = weights.locate_in_config(config, key)
         except HalosError as e:
             problems.append(str(e))
+            continue
+        wanted = _wanted_weights(config, key)
+        if located is not None and wanted is not None and located.format.holds_reward_model != wanted:
+            found = "a reward model (a sequence classifier)" if located.format.holds_reward_model else "a causal LM"
+            use = "reward models score samples with label.py" if not wanted else "it needs a reward model"
+            problems.append(f"{key}: {located.path} holds {found}, which this run cannot use ({use})")
     return problems
 
 
 def _check_lora(config: DictConfig, invocation: Invocation) -> List[str]:
     """model.use_peft, model.peft and model.load_lora_from (lora.py)."""
     return lora.config_problems(config, invocation.n_processes)
+
+
+def _wanted_weights(config: DictConfig, key: str) -> Optional[bool]:
+    """Whether `key` must name a reward model (True), a causal LM (False), or may name either (None: a reward model
+    starts from either; an unresolvable trainer is reported elsewhere)."""
+    if config.get("mode") in ("sample", "alpacaeval"):
+        return False if key == "saved_policy" else None
+    try:
+        trainer = resolve_class(str(config.loss.get("trainer")), "trainers")
+    except ConfigError:
+        return None
+    reward_model = getattr(trainer, "trains_reward_model", False)
+    if key == "model.load_from":
+        return None if reward_model else False
+    return reward_model
 
 
 def _attention_problem(config: DictConfig) -> Optional[Tuple[str, str]]:
@@ -292,10 +315,21 @@ def _check_attention(config: DictConfig, invocation: Invocation) -> List[str]:
 
 
 def _check_sampling(config: DictConfig, invocation: Invocation) -> List[str]:
-    """eval.py's own keys: n_samples, n_eval_examples, model.eval_batch_size, top_p, samples_dir."""
+    """eval.py's own keys: n_samples, num_samples_per_prompt, sample_split, sampler, n_eval_examples,
+    model.eval_batch_size, top_p, samples_dir."""
     problems = []
     if config.n_samples is not None and not is_positive_int(config.n_samples):
         problems.append(f"n_samples: expected a positive integer or null (all test prompts), got {config.n_samples!r}")
+    if not is_positive_int(config.num_samples_per_prompt):
+        problems.append(f"num_samples_per_prompt: expected a positive integer, got {config.num_samples_per_prompt!r}")
+    if config.sample_split not in data_config.SPLITS:
+        problems.append(f"sample_split: expected one of {', '.join(data_config.SPLITS)}, got {config.sample_split!r}")
+    if config.sampler not in SAMPLERS:
+        problems.append(f"sampler: expected one of {', '.join(SAMPLERS)}, got {config.sampler!r}")
+    if config.get("mode") == "alpacaeval":
+        problems += [f"{key}: alpacaeval mode writes one output per AlpacaEval instruction of its test split; "
+                     f"set {key}={value}" for key, value in (("num_samples_per_prompt", 1), ("sample_split", "test"))
+                     if config[key] != value]
     if config.n_eval_examples is not None and not is_positive_int(config.n_eval_examples):
         problems.append(f"n_eval_examples: expected a positive integer or null, got {config.n_eval_examples!r}")
     if not is_positive_int(config.model.eval_batch_size):

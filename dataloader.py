@@ -44,8 +44,9 @@ from feedback.examples import DataError, Dataset, Example
 from feedback.report import DataReport, ItemLengths, SourceCounts, build_report
 from feedback.sources import SourceSpec
 # The get_<name> functions are imported so that dataset_functions() finds them next to users' own ones.
-from feedback.items import (ItemParts, LabelledResponse, PreferencePair, best_and_worst, binary_labels, checked_index,
-                            kept_count)
+from feedback.items import (GROUP_KEYS, PROMPT_MESSAGES_KEY, ItemParts, LabelledResponse,  # noqa: F401
+                            PreferencePair, ScoredResponse, best_and_worst, binary_labels, checked_index, kept_count,
+                            scored_responses)
 from feedback.mixing import Mixture
 from feedback.prompt_format import PrefixFormat, PromptFormat
 from feedback.rows import load_source
@@ -430,7 +431,7 @@ class SFTDataLoader(DataLoader):
 
     With `chosen_control_token` set (sampling from a csft model) the token is appended to every prompt. With
     `sft_all_assistant_turns`, the prompt's own assistant turns are labelled too.
-    Batch keys: PROMPT_KEYS, TARGET_KEYS, original_prompt.
+    Batch keys: PROMPT_KEYS, TARGET_KEYS, original_prompt, prompt_messages (empty for formatted Examples).
     """
 
     labels_prompt_turns = True
@@ -447,7 +448,8 @@ class SFTDataLoader(DataLoader):
                          {TARGET: item.encoded.responses[item.index]})
 
     def extra_fields(self, item: LabelledResponse) -> dict:
-        return {ORIGINAL_PROMPT_KEY: item.example.original_prompt}
+        return {ORIGINAL_PROMPT_KEY: item.example.original_prompt,
+                PROMPT_MESSAGES_KEY: [message._asdict() for message in item.example.prompt_messages]}
 
 
 class ConditionalSFTDataLoader(DataLoader):
@@ -603,3 +605,24 @@ class PairedPreferenceDataLoader(DataLoader):
     def item_parts(self, item: PreferencePair) -> ItemParts:
         return ItemParts(item.encoded, (), {CHOSEN: item.encoded.responses[item.chosen],
                                             REJECTED: item.encoded.responses[item.rejected]})
+
+
+class ScoredGroupDataLoader(DataLoader):
+    """grpo: every scored response of every prompt with at least two (its group), in random order, with the score and
+    its group's mean and standard deviation (over the whole group, however the batches split it).
+
+    Batch keys: PROMPT_KEYS, TARGET_KEYS and GROUP_KEYS (score, group_mean, group_std: lists of floats).
+    """
+
+    def build_items(self, encoded: List[EncodedExample], rng: random.Random) -> List[ScoredResponse]:
+        groups = [item for item in encoded if item.example.num_generations() >= 2]
+        if not groups:
+            raise DataError(f"{self.name}: group losses need prompts with two or more scored responses (scored "
+                            f"feedback rows, README: Datasets), but these datasets have none")
+        return [response for item in groups for response in scored_responses(item)]
+
+    def item_parts(self, item: ScoredResponse) -> ItemParts:
+        return ItemParts(item.encoded, (), {TARGET: item.encoded.responses[item.index]})
+
+    def extra_fields(self, item: ScoredResponse) -> dict:
+        return dict(zip(GROUP_KEYS, (item.score, item.group_mean, item.group_std)))

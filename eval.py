@@ -34,8 +34,9 @@ from errors import HalosError
 from lora import without_quantization
 from models import control_tokens, from_pretrained, load_tokenizer
 from resolve import resolve_class
-from sampling import PartialSamples, sample_resumably
+from sampling import HFGenerator, PartialSamples, sample_resumably, stop_token_ids
 from utils import register_resolvers
+from vllm_sampling import VLLMGenerator, resolve_sampler
 
 register_resolvers()
 
@@ -43,6 +44,7 @@ register_resolvers()
 HYDRA_OVERRIDES = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout")
 # Keys that may differ between the interrupted run and its resumption.
 RESUME_FREE_KEYS = ("n_samples", "samples_dir")
+SAMPLE_KEYS = ("prompt", "prompt_id", "sample_index", "prompt_messages", "chosen", "policy")  # a sample file's rows
 # Paths a saved config holds inside its run directory; eval.py reads them inside the directory it was given.
 RUN_PATH_KEYS = ("saved_policy",)
 
@@ -147,6 +149,24 @@ def load_policy(config: DictConfig, tokenizer) -> torch.nn.Module:
     return policy
 
 
+def build_generator(config: DictConfig, tokenizer):
+    """What samples: Hugging Face generate (sampler=hf), or vLLM (vllm; auto where vLLM can run) on a Hugging Face
+    directory of the policy: its export, the base model's directory, or an export written for it to samples_dir."""
+    if config.sampler == "hf":
+        return HFGenerator(load_policy(config, tokenizer).to(eval_device()))
+    located = policy_weights(config)
+    if located is not None and isinstance(located.format, weights.HuggingFaceDirectory):
+        model_dir = located.path
+    elif located is None and not config.model.from_config:
+        model_dir = Path(config.model.name_or_path)
+    else:
+        model_dir = Path(config.samples_dir) / f".vllm-{config.exp_name}"
+        load_policy(config, tokenizer).save_pretrained(model_dir)
+    stop_ids = stop_token_ids(transformers.GenerationConfig.from_model_config(
+        transformers.AutoConfig.from_pretrained(model_dir)), tokenizer)
+    return VLLMGenerator(model_dir, str(config.local_run_dir), config.model.policy_dtype, config.seed, stop_ids)
+
+
 # --- modes ---------------------------------------------------------------------------------------------------
 
 
@@ -163,14 +183,15 @@ def plain_config(config: DictConfig) -> dict:
 
 
 def prompt_loader(config: DictConfig, tokenizer, datasets: List[str], n_prompts: Optional[int]) -> DataLoader:
-    """The test prompts of `datasets` in the seed's order, one per batch, each prompt once.
+    """The prompts of `datasets`' sample_split (test by default) in the seed's order, one per batch, each once.
 
     The SFT loader is used whatever the loss, so every model of a comparison sees the same prompts; csft runs get
     the chosen control token appended to each prompt. Batches of one keep the prompts the loader would drop as an
     incomplete last batch.
     """
     sft_config = OmegaConf.merge(config, {"datasets": datasets, "loss": {"dataloader": "SFTDataLoader"}})
-    return build_dataloader(sft_config, tokenizer, "test", batch_size=1, n_epochs=1, n_examples=n_prompts)
+    return build_dataloader(sft_config, tokenizer, str(config.sample_split), batch_size=1, n_epochs=1,
+                            n_examples=n_prompts)
 
 
 def elements_of(loader: DataLoader) -> Iterator[dict]:
@@ -179,37 +200,40 @@ def elements_of(loader: DataLoader) -> Iterator[dict]:
         yield {key: value[0].tolist() if isinstance(value, torch.Tensor) else value[0] for key, value in batch.items()}
 
 
-def sample_prompts(config: DictConfig, tokenizer, policy: torch.nn.Module, datasets: List[str],
-                   n_prompts: Optional[int], partial_path: Path) -> List[dict]:
-    """Samples the policy on the first `n_prompts` test prompts (all if None), resuming from `partial_path`."""
+def sample_prompts(config: DictConfig, tokenizer, generator, datasets: List[str], n_prompts: Optional[int],
+                   partial_path: Path) -> List[dict]:
+    """Samples num_samples_per_prompt responses to each of the first `n_prompts` prompts (all if None), resuming
+    from `partial_path`."""
     loader = prompt_loader(config, tokenizer, datasets, n_prompts)
     total = loader.total_examples
     if n_prompts is not None and total < n_prompts:
-        print(f"the test split of {'+'.join(datasets)} has {total} prompts; sampling all of them")
+        print(f"the {config.sample_split} split of {'+'.join(datasets)} has {total} prompts; sampling all of them")
     settings = {k: v for k, v in plain_config(config).items() if k not in RESUME_FREE_KEYS}
     partial = PartialSamples(partial_path, settings)
+    n = config.num_samples_per_prompt
     if partial.rows:
-        print(f"resuming: {sum(i in partial.rows for i in range(total))} of {total} samples are in {partial_path}")
-    return sample_resumably(policy, tokenizer, elements_of(loader), partial, total=total,
+        print(f"resuming: {sum(i * n in partial.rows for i in range(total))} of {total} prompts are sampled in "
+              f"{partial_path}")
+    return sample_resumably(generator, tokenizer, elements_of(loader), partial, total=total,
                             batch_size=config.model.eval_batch_size, max_length=config.model.max_length,
-                            top_p=config.top_p, seed=config.seed)
+                            top_p=config.top_p, seed=config.seed, num_samples=n)
 
 
-def run_sample(config: DictConfig, tokenizer, policy: torch.nn.Module) -> Path:
+def run_sample(config: DictConfig, tokenizer, generator) -> Path:
     samples_dir = Path(config.samples_dir)
     partial_path = samples_dir / f"{config.exp_name}.partial.jsonl"
-    samples = sample_prompts(config, tokenizer, policy, list(config.datasets), config.n_samples, partial_path)
+    samples = sample_prompts(config, tokenizer, generator, list(config.datasets), config.n_samples, partial_path)
     output = samples_dir / f"{config.exp_name}.json"
     write_json(output, {"sampled_at": str(datetime.now()), "config": plain_config(config),
-                        "samples": [{key: s[key] for key in ("prompt", "chosen", "policy")} for s in samples]})
+                        "samples": [{key: s[key] for key in SAMPLE_KEYS} for s in samples]})
     partial_path.unlink()
     return output
 
 
-def run_alpacaeval(config: DictConfig, tokenizer, policy: torch.nn.Module) -> Path:
+def run_alpacaeval(config: DictConfig, tokenizer, generator) -> Path:
     samples_dir = Path(config.samples_dir)
     partial_path = samples_dir / f"alpaca_{config.exp_name}.partial.jsonl"
-    samples = sample_prompts(config, tokenizer, policy, ["alpacaeval"], None, partial_path)
+    samples = sample_prompts(config, tokenizer, generator, ["alpacaeval"], None, partial_path)
     output = samples_dir / f"alpaca_{config.exp_name}.json"
     write_json(output, [{"instruction": s["original_prompt"], "output": s["policy"].strip(),
                          "reference": s["chosen"].strip(), "generator": config.exp_name} for s in samples])
@@ -250,8 +274,10 @@ def run(config: DictConfig, run_dir: Optional[Path] = None, command_line_keys: I
     if config.mode == "eval":
         output = run_eval(config, tokenizer)
     else:
-        policy = load_policy(config, tokenizer).to(eval_device())
-        output = (run_sample if config.mode == "sample" else run_alpacaeval)(config, tokenizer, policy)
+        config.sampler = resolve_sampler(str(config.sampler))  # the sample file records which one sampled
+        print(f"sampler: {config.sampler}")
+        output = (run_sample if config.mode == "sample" else run_alpacaeval)(config, tokenizer,
+                                                                             build_generator(config, tokenizer))
     print(f"wrote {output}")
     return output
 

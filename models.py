@@ -1,4 +1,6 @@
-"""Building the policy, reference model and tokenizer from a `model` config."""
+"""Building the policy, reference model and tokenizer from a `model` config, and the modules trained around a causal
+LM: PPO's value head and the Bradley-Terry reward model's scalar head."""
+import copy
 import os
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -6,12 +8,13 @@ import torch
 import transformers.utils
 from omegaconf import DictConfig
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          PreTrainedModel, PreTrainedTokenizerBase)
 
 from errors import HalosError
 from hub import hub_reachable
 from lora import quantization_options
-from utils import disable_dropout
+from utils import disable_dropout, pack_rows
 
 
 class ModelLoadError(HalosError):
@@ -96,6 +99,13 @@ def attention_unavailable(implementation: str) -> Optional[str]:
             f"{', '.join(ATTENTION_IMPLEMENTATIONS)})")
 
 
+def model_kwargs(model_config: DictConfig, dtype: str) -> dict:
+    """What every from_pretrained/from_config call of a model gets: its dtype, attention kernel and remote-code
+    permission."""
+    return dict(dtype=getattr(torch, dtype), trust_remote_code=trusts_remote_code(model_config),
+                attn_implementation=attention_implementation(model_config))
+
+
 def load_causal_lm(model_config: DictConfig, dtype: str, seed: int,
                    key: str = "model.name_or_path") -> PreTrainedModel:
     """A causal LM in `dtype` with dropout disabled; `key` is the config key named when it cannot be loaded.
@@ -105,8 +115,7 @@ def load_causal_lm(model_config: DictConfig, dtype: str, seed: int,
     QLoRA (model.peft.load_in_4bit) the weights are quantized to 4 bits on the GPU as they load.
     """
     trust_remote_code = trusts_remote_code(model_config)
-    kwargs = dict(dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
-                  attn_implementation=attention_implementation(model_config))
+    kwargs = model_kwargs(model_config, dtype)
     if model_config.from_config:
         config = from_pretrained(AutoConfig.from_pretrained, model_config.name_or_path, "model.name_or_path",
                                  trust_remote_code=trust_remote_code)
@@ -165,3 +174,64 @@ class CausalLMWithValueHead(torch.nn.Module):
         """Logits (B, T, V) and values (B, T)."""
         output = self.pretrained_model(input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs)
         return output.logits, self.v_head(output.hidden_states[-1].detach())
+
+
+def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """Gives `target`'s parameters the values of `source`'s, in place and in target's dtype (humanline's reference
+    sync). Under FSDP both models are sharded alike (distributed.shard_model), so each process copies its shards."""
+    sources = dict(source.named_parameters())
+    with torch.no_grad():
+        for name, parameter in target.named_parameters():
+            parameter.copy_(sources[name])
+
+
+def is_sequence_classifier(model: torch.nn.Module) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+class RewardModel(torch.nn.Module):
+    """A scalar-head reward model: a Hugging Face sequence classifier with one label (`classifier`), scoring each
+    sequence at its last token that is not the pad token, as AutoModelForSequenceClassification does, so that the
+    exported classifier gives the scores training saw. Packed rows are scored per sequence.
+
+    Built around a causal LM, it keeps the LM's backbone and adds a fresh (seeded) linear head; built around a
+    sequence classifier (a reward model's checkpoint), it keeps that.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.classifier = model if is_sequence_classifier(model) else self.classifier_from(model)
+
+    @staticmethod
+    def classifier_from(causal_lm: PreTrainedModel) -> PreTrainedModel:
+        """A one-label sequence classifier sharing `causal_lm`'s backbone, with a head drawn from the global RNG
+        (the run's seed) the way Hugging Face initialises it; the LM head is dropped."""
+        config = copy.deepcopy(causal_lm.config)
+        config.num_labels = 1
+        with torch.device("meta"):  # its own backbone would be replaced at once: allocate nothing
+            classifier = AutoModelForSequenceClassification.from_config(config)
+        setattr(classifier, classifier.base_model_prefix, getattr(causal_lm, causal_lm.base_model_prefix))
+        weight = causal_lm.get_input_embeddings().weight
+        classifier.score = torch.nn.Linear(weight.size(1), 1, bias=False, device=weight.device, dtype=weight.dtype)
+        torch.nn.init.normal_(classifier.score.weight, std=getattr(config, "initializer_range", 0.02))
+        return classifier
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pack: bool = False) -> torch.Tensor:
+        """(N,) float32 scores of (N, T) right-padded rows, read at each row's last non-pad token."""
+        pad_token_id = self.classifier.config.pad_token_id
+        columns = torch.arange(input_ids.size(1), device=input_ids.device)
+        last = ((input_ids != pad_token_id) * columns).argmax(1)  # the column Hugging Face pools at
+        backbone = getattr(self.classifier, self.classifier.base_model_prefix)
+        packed = pack_rows(input_ids, attention_mask, input_ids, pad_token_id) if pack else None
+        if packed is None:
+            hidden = backbone(input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            pooled = hidden[torch.arange(input_ids.size(0), device=input_ids.device), last]
+        else:
+            hidden = backbone(packed.input_ids, position_ids=packed.position_ids, use_cache=False).last_hidden_state
+            # Where each row's pooled token went: row r's column c sits where packed.rows == r and position c.
+            flat = torch.full((packed.n_rows * input_ids.size(1) + 1,), -1, dtype=torch.long, device=input_ids.device)
+            keys = (packed.rows * input_ids.size(1) + packed.position_ids).clamp(max=flat.numel() - 1).reshape(-1)
+            flat[keys] = torch.arange(keys.numel(), device=input_ids.device)
+            rows = torch.arange(input_ids.size(0), device=input_ids.device)
+            pooled = hidden.reshape(-1, hidden.size(-1))[flat[rows * input_ids.size(1) + last]]
+        return self.classifier.score(pooled).squeeze(-1).float()

@@ -13,11 +13,14 @@ from omegaconf import DictConfig
 
 import dataloader
 import distributed
+import humanline
 import losses
 from basic_trainer import BasicTrainer, Metrics, TrainingError, TrainingInterrupted  # noqa: F401 (trainer names)
-from dataloader import CHOSEN_KEYS, KL_KEYS, REJECTED_KEYS, STATUS_KEY, TARGET_KEYS
-from loss_inputs import PairedLogps, SequenceLogps, UnpairedLogps
+from checkpoints import POLICY, REFERENCE
+from dataloader import CHOSEN_KEYS, GROUP_KEYS, KL_KEYS, REJECTED_KEYS, STATUS_KEY, TARGET_KEYS
+from loss_inputs import PairedLogps, SequenceLogps, UnpairedLogps, response_lengths
 from loss_state import RunningRewardMean
+from models import RewardModel, copy_weights
 from ppo_trainer import PPOTrainer  # noqa: F401 (named by config/loss/ppo.yaml)
 from utils import IGNORE_INDEX, pad_to_length
 
@@ -75,6 +78,17 @@ class PreferenceTrainer(BasicTrainer):
     loss_function: Optional[Callable[..., Tuple]] = None
     length_normalised = False
     reference_logps_cacheable = True
+    humanline_capable = False  # loss.humanline may turn on humanline (humanline.py): losses of the log-ratios alone
+
+    @classmethod
+    def config_problems(cls, config: DictConfig) -> List[str]:
+        return super().config_problems(config) + humanline.config_problems(cls.__name__, cls.humanline_capable, config)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.humanline = humanline.Humanline.from_loss_config(self.config.loss) if self.humanline_capable else None
+        if self.humanline is not None:
+            self.token_level_logps = True  # the clamp acts on each token's log-ratio
 
     def forward(self, model: torch.nn.Module, batch: Dict):
         """The model's PairedLogps or UnpairedLogps of the batch."""
@@ -113,7 +127,7 @@ class PreferenceTrainer(BasicTrainer):
         # The statistics first: KTO's reference point runs the reference model over the batch's rows in one pass.
         statistics = self.loss_statistics(batch, mode)
         reference = self.reference_forward(batch) if self.reference_model is not None else None
-        output = self.loss_from(policy, reference, **statistics)
+        output = self.loss_from(*self.loss_inputs(policy, reference), **statistics)
         n_chosen, n_rejected = policy.chosen.logps.size(0), policy.rejected.logps.size(0)
         check_loss_output(self, output, n_chosen, n_rejected, self.n_losses(n_chosen, n_rejected))
         if mode == "train" and self.loss_state is not None:
@@ -126,6 +140,20 @@ class PreferenceTrainer(BasicTrainer):
             f"logps_{mode}/rejected": policy.rejected.logps.detach(),
             f"loss/{mode}": per_example.detach(),
         }
+
+    def loss_inputs(self, policy, reference) -> Tuple:
+        """What the loss is given of each model's log-probs: as computed, or with humanline the clamped log-ratios
+        (policy side) against zeros (reference side)."""
+        return (policy, reference) if self.humanline is None else self.humanline.log_ratio_sides(policy, reference)
+
+    def after_optimizer_step(self) -> None:
+        if self.humanline is not None and self.humanline.sync_due(self.update_counter):
+            copy_weights(self.policy, self.reference_model)
+
+    def checkpoint_modules(self) -> Dict[str, torch.nn.Module]:
+        # A synced reference is no longer the starting model: resuming needs it as it is.
+        synced = {REFERENCE: self.reference_model} if self.humanline is not None else {}
+        return {**super().checkpoint_modules(), **synced}
 
     def logged_statistics(self, statistics: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The statistics logged as rewards_{mode}/<name> (KTO's reference point as KL_estimate)."""
@@ -282,8 +310,9 @@ class UnpairedPreferenceTrainer(PreferenceTrainer):
 
 
 class DPOTrainer(PairedPreferenceTrainer):
-    """Direct Preference Optimization (Rafailov et al., 2023)."""
+    """Direct Preference Optimization (Rafailov et al., 2023); humanline with loss.humanline (config/loss/dpo.yaml)."""
     requires_reference_model = True
+    humanline_capable = True
     loss_function = losses.dpo_loss
     hyperparameters = {"beta": losses.POSITIVE}
 
@@ -372,8 +401,10 @@ class SLiCTrainer(PairedPreferenceTrainer):
 
 
 class KTOTrainer(UnpairedPreferenceTrainer):
-    """Kahneman-Tversky Optimization with the mismatched-pair KL estimate as reference point."""
+    """Kahneman-Tversky Optimization with the mismatched-pair KL estimate as reference point; humanline with
+    loss.humanline (config/loss/kto.yaml)."""
     requires_reference_model = True
+    humanline_capable = True
     compatible_dataloaders = (dataloader.UnpairedPreferenceDataLoader,)  # it builds the KL rows
     uses_kl_rows = True
     loss_function = losses.kto_loss
@@ -407,3 +438,78 @@ class BCOTrainer(SimpleKTOTrainer):
     """Binary Classifier Optimization (Jung et al., 2024) with a running-mean reward shift delta."""
     loss_function = losses.bco_loss
     loss_state_class = RunningRewardMean
+
+
+# --- reward models -------------------------------------------------------------------------------------------
+
+
+class BradleyTerryTrainer(PairedPreferenceTrainer):
+    """A Bradley-Terry reward model (loss=bradley-terry): a scalar head on the model, trained so that
+    σ(r(x, y_w) − r(x, y_l)) is the probability that y_w is preferred; rewards_{mode}/accuracies is its pairwise
+    accuracy. The finished checkpoint is a Hugging Face AutoModelForSequenceClassification directory."""
+
+    trains_reward_model = True
+
+    @classmethod
+    def wrap_policy(cls, policy: torch.nn.Module) -> torch.nn.Module:
+        return RewardModel(policy)
+
+    def __init__(self, tokenizer, config: DictConfig, *args, **kwargs):
+        super().__init__(tokenizer, config, *args, **kwargs)
+        # The exported classifier pools at the last token that is not the pad token, as scores are read here.
+        self.policy.classifier.config.pad_token_id = tokenizer.pad_token_id
+
+    def get_batch_metrics(self, batch: Dict, mode: str) -> Tuple[torch.Tensor, Metrics]:
+        input_ids, attention_mask, _ = concatenate_rows(batch, (CHOSEN_KEYS, REJECTED_KEYS),
+                                                        self.tokenizer.pad_token_id)
+        scores = self.policy(input_ids, attention_mask, pack=self.config.pack_sequences)
+        n_pairs = batch[CHOSEN_KEYS.labels].size(0)
+        output = losses.bradley_terry_loss(scores[:n_pairs], scores[n_pairs:])
+        return output.losses.mean(), {**self.reward_metrics(output.chosen_rewards, output.rejected_rewards, mode),
+                                      f"loss/{mode}": output.losses.detach()}
+
+    def checkpoint_modules(self) -> Dict[str, torch.nn.Module]:
+        return {POLICY: self.policy.classifier}
+
+
+# --- scored groups -------------------------------------------------------------------------------------------
+
+
+class GRPOTrainer(BasicTrainer):
+    """Offline GRPO on scored responses (loss=grpo): group-normalised advantages, per-token ratios to the reference
+    model clipped to [1 − ε, 1 + ε], a k3 KL penalty, and the token mean over the whole optimizer step.
+
+    The step's response-token count is all-reduced in prepare_step, and each micro-batch's summed token losses are
+    divided by count / (accumulation steps × processes): after the loop's division by the accumulation steps and
+    the gradient average over processes, the gradient is that of the step's token mean, however the step is split.
+    """
+
+    requires_reference_model = True
+    token_level_logps = True
+    compatible_dataloaders = (dataloader.ScoredGroupDataLoader,)
+    hyperparameters = {"beta": losses.NONNEGATIVE, "epsilon": losses.OPEN_UNIT, "advantage_epsilon": losses.POSITIVE}
+    step_token_count: Optional[torch.Tensor] = None  # response tokens of the optimizer step in progress
+
+    def forward(self, model: torch.nn.Module, batch: Dict) -> SequenceLogps:
+        return self.sequence_logps(model, *concatenate_rows(batch, (TARGET_KEYS,), self.tokenizer.pad_token_id))
+
+    def prepare_step(self, batches: List[Dict]) -> None:
+        local = sum(response_lengths(batch[TARGET_KEYS.labels], torch.float64).sum() for batch in batches)
+        self.step_token_count = distributed.all_reduce_sum(local.to(self.device))
+
+    def get_batch_metrics(self, batch: Dict, mode: str) -> Tuple[torch.Tensor, Metrics]:
+        policy = self.forward(self.policy, batch)
+        reference = self.reference_forward(batch)
+        score, mean, std = (torch.tensor(batch[key], dtype=policy.logps.dtype, device=policy.logps.device)
+                            for key in GROUP_KEYS)
+        config = self.config.loss
+        advantages = losses.grpo_advantages(score, mean, std, epsilon=config.advantage_epsilon)
+        if mode == "train":
+            token_count = self.step_token_count / (self.config.model.gradient_accumulation_steps * self.world_size)
+        else:
+            token_count = policy.lengths.sum()
+        output = losses.grpo_loss(policy.token_logps, reference.token_logps, policy.token_mask, advantages,
+                                  token_count.to(policy.logps.dtype), beta=config.beta, epsilon=config.epsilon)
+        return output.loss, {f"rewards_{mode}/rewards": score, f"rewards_{mode}/advantages": advantages,
+                             f"rewards_{mode}/KL": output.kl, f"rewards_{mode}/clipped": output.clipped,
+                             f"logps_{mode}/responses": policy.logps.detach(), f"loss/{mode}": output.losses}

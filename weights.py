@@ -5,25 +5,27 @@ A path may name
 * a `policy.pt` (checkpoints.save_checkpoint's `{step_idx, state, metrics}`), or a checkpoint directory holding one
   (a step-<N> or an unfinished LATEST);
 * a Hugging Face model directory (config.json + weights): an exported checkpoint such as a finished LATEST, or any
-  fine-tuned model. `<dir>/policy.pt` of an exported checkpoint, the path the original wrote, reads its export.
+  fine-tuned model. `<dir>/policy.pt` of an exported checkpoint, the path the original wrote, reads its export;
+* a Hugging Face sequence-classification directory: an exported reward model (loss=bradley-terry), loaded as one;
 * a LoRA adapter directory (adapter_config.json + adapter_model.safetensors), or a checkpoint directory holding one
   in adapter/ (a LoRA run's checkpoint before the final one, lora.py). It holds differences from a base model, which
   the caller names.
 Each kind is a WeightFormat in FORMATS, tried in order (so a finished LoRA run's LATEST, which holds its adapters and
 their merged model, reads as the merged model); supporting another kind is one more WeightFormat there.
 """
+import json
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from checkpoints import POLICY, CheckpointError, is_hf_model_dir, load_checkpoint, load_weights
 from lora import ADAPTER_WEIGHTS, adapter_location, merge_adapters, without_quantization
-from models import from_pretrained, grow_embeddings, load_causal_lm, trusts_remote_code
+from models import from_pretrained, grow_embeddings, load_causal_lm, model_kwargs, trusts_remote_code
+from utils import disable_dropout
 from resolve import candidate_paths
 
 
@@ -31,6 +33,7 @@ class WeightFormat:
     """One kind of weights location. Subclasses implement the three methods."""
 
     description = ""  # for error messages: "a policy.pt ..."
+    holds_reward_model = False  # what it builds: a causal LM, or a reward model (a sequence classifier)
 
     def find(self, path: Path) -> Optional[Path]:
         """The file or directory this format reads for a user's `path`, or None if `path` is not of this kind."""
@@ -74,7 +77,8 @@ class HuggingFaceDirectory(WeightFormat):
     description = "a Hugging Face model directory (with config.json)"
 
     def find(self, path: Path) -> Optional[Path]:
-        return directory_or_implied(path, is_hf_model_dir)
+        return directory_or_implied(path, lambda directory: is_hf_model_dir(directory)
+                                    and not is_sequence_classifier_dir(directory))
 
     def build(self, found, model_config, dtype, seed, vocab_size, key, base):
         model = load_causal_lm(OmegaConf.merge(model_config, {"name_or_path": str(found), "from_config": False}),
@@ -118,7 +122,42 @@ def directory_or_implied(path: Path, is_kind) -> Optional[Path]:
 
 
 ADAPTERS = AdapterDirectory()
-FORMATS: List[WeightFormat] = [PolicyFile(), HuggingFaceDirectory(), ADAPTERS]
+
+class SequenceClassifierDirectory(WeightFormat):
+    """A Hugging Face sequence-classification directory (its config.json names a *ForSequenceClassification
+    architecture): a reward model, built as one."""
+
+    description = "a Hugging Face sequence-classification (reward model) directory"
+    holds_reward_model = True
+
+    def find(self, path: Path) -> Optional[Path]:
+        return path if is_sequence_classifier_dir(path) else None
+
+    def build(self, found, model_config, dtype, seed, vocab_size, key, base):
+        model = self.load(found, model_config, dtype, key)
+        grow_embeddings(model, vocab_size, seed)
+        return model
+
+    def state_dict(self, found, model_config):
+        return self.load(found, model_config, "float32", "checkpoint").state_dict()
+
+    @staticmethod
+    def load(found: Path, model_config: Optional[DictConfig], dtype: str, key: str) -> PreTrainedModel:
+        kwargs = model_kwargs(model_config, dtype) if model_config is not None else {"dtype": getattr(torch, dtype)}
+        model = from_pretrained(AutoModelForSequenceClassification.from_pretrained, str(found), key, **kwargs)
+        disable_dropout(model)
+        return model
+
+
+def is_sequence_classifier_dir(path: Path) -> bool:
+    """Whether `path` is a Hugging Face model directory of a sequence classifier (a reward model)."""
+    if not is_hf_model_dir(path):
+        return False
+    architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    return any(name.endswith("ForSequenceClassification") for name in architectures)
+
+
+FORMATS: List[WeightFormat] = [PolicyFile(), SequenceClassifierDirectory(), HuggingFaceDirectory(), ADAPTERS]
 
 
 class Weights(NamedTuple):

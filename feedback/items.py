@@ -10,6 +10,9 @@ import numpy as np
 from feedback.examples import DataError, Example
 from feedback.tokenization import CHOSEN, REJECTED, EncodedExample
 
+GROUP_KEYS = ("score", "group_mean", "group_std")  # a scored response's batch keys (ScoredGroupDataLoader)
+PROMPT_MESSAGES_KEY = "prompt_messages"  # an SFT element's prompt as [{"role", "content"}] (eval.py samples keep it)
+
 
 @dataclass(frozen=True)
 class Item:
@@ -33,6 +36,16 @@ class PreferencePair(Item):
     """A preferred and a dispreferred response (generation indices) to the same prompt."""
     chosen: int
     rejected: int
+
+
+@dataclass(frozen=True)
+class ScoredResponse(Item):
+    """One scored response (a generation index) with the mean and population standard deviation of the scores of
+    its prompt's group (every scored response to that prompt), from which GRPO's advantage follows."""
+    index: int
+    score: float
+    group_mean: float
+    group_std: float
 
 
 class ItemParts(NamedTuple):
@@ -76,6 +89,21 @@ def best_and_worst(example: Example) -> Tuple[int, int]:
     indices = range(len(example.generations))
     best, worst = (max, min) if higher_scores_are_better(example) else (min, max)
     return best(indices, key=example.scores.__getitem__), worst(indices, key=example.scores.__getitem__)
+
+
+def scored_responses(encoded: EncodedExample) -> List[ScoredResponse]:
+    """Every generation of a scored example with its group's statistics, scores oriented so that higher is better
+    (read off the example's pairs when it has any, as for OASST ranks; scored-feedback rows are higher-is-better)."""
+    example = encoded.example
+    if len(example.scores) != len(example.generations):
+        raise DataError(f"{example.describe()}: group losses need one score per generation, it has "
+                        f"{len(example.scores)} scores for {len(example.generations)} generations (scored feedback "
+                        f"rows give them: prompt, completion, score)")
+    sign = 1.0 if not example.pairs or higher_scores_are_better(example) else -1.0
+    scores = [sign * float(score) for score in example.scores]
+    mean = math.fsum(scores) / len(scores)
+    std = math.sqrt(math.fsum((score - mean) ** 2 for score in scores) / len(scores))
+    return [ScoredResponse(encoded, index, score, mean, std) for index, score in enumerate(scores)]
 
 
 def kept_count(available: int, fraction: float) -> int:

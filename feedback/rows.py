@@ -1,10 +1,12 @@
 """Feedback rows of any named source (`dataset_sources.<name>`, `local_datasets.<name>`) turned into Examples.
 
-A row (after the source's column mapping) has one of three schemas, each in TRL's standard form (strings) or
+A row (after the source's column mapping) has one of four schemas, each in TRL's standard form (strings) or
 conversational form (lists of `{"role", "content"}` messages, roles system/user/assistant):
 
 * paired feedback: `prompt`, `chosen`, `rejected`;
 * binary feedback: `prompt`, `completion`, `label` (true/1 = desirable);
+* scored feedback: `prompt`, `completion`, `score` (a number, higher is better); the rows of one prompt form its
+  group of scored responses (GRPO's group, label.py's output);
 * a demonstration (SFT): `prompt` and `completion` without a label, or `messages`, a whole conversation.
 
 `prompt` is a string (one user turn) or messages ending with a user turn; a response is a string or a list holding
@@ -14,10 +16,12 @@ the same in `chosen` and `rejected`, are the prompt. Rows with the same prompt a
 
 Paired rows add a pair (chosen first). Binary rows and demonstrations add their completion and fill `desirable`;
 once an Example has binary feedback, `desirable` covers all its generations (chosen ones count as desirable,
-rejected ones as undesirable). The SFT target is the first chosen response, else the first desirable completion,
-else None (SFT skips the prompt). Text is kept verbatim (no space normalisation, so code indentation survives).
+rejected ones as undesirable). A prompt's scored rows give every one of its generations a score, so they cannot be
+mixed with other kinds of feedback for the same prompt. The SFT target is the first chosen response, else the first
+desirable completion, else the best-scored one, else None (SFT skips the prompt). Text is kept verbatim (no space normalisation, so code indentation survives).
 """
 import hashlib
+import math
 from typing import Any, Optional
 
 from tqdm import tqdm
@@ -25,8 +29,8 @@ from tqdm import tqdm
 from feedback.examples import ROLES, DataError, Dataset, Example, Message, conversation_key
 from feedback.sources import SourceSpec, read_source
 
-FIELDS = ("prompt", "chosen", "rejected", "completion", "label", "messages")
-PAIRED, BINARY, DEMONSTRATION = "paired", "binary", "demonstration"
+FIELDS = ("prompt", "chosen", "rejected", "completion", "label", "score", "messages")
+PAIRED, BINARY, SCORED, DEMONSTRATION = "paired", "binary", "scored", "demonstration"
 
 
 def load_source(spec: SourceSpec, split: str) -> Dataset:
@@ -70,6 +74,9 @@ def add_row(data: Dataset, fields: dict, where: str, split: str, test_fraction: 
     elif kind == BINARY:
         prompt, (completion,) = prompt_and_responses(fields, ("completion",), where)
         label = require_label(fields["label"], where)
+    elif kind == SCORED:
+        prompt, (completion,) = prompt_and_responses(fields, ("completion",), where)
+        score = require_score(fields["score"], where)
     else:
         prompt, (completion,) = prompt_and_responses(fields, ("messages" if "messages" in fields else "completion",),
                                                      where)
@@ -78,10 +85,16 @@ def add_row(data: Dataset, fields: dict, where: str, split: str, test_fraction: 
         data.drop("in the held-out test split" if split == "train" else "not in the held-out test fraction")
         return
     example = data.conversation(prompt, where)
+    if example.num_generations() and (kind == SCORED) != bool(example.scores):
+        raise DataError(f"{where}: this prompt has both scored and other feedback rows; a prompt's scored rows must "
+                        f"score every one of its responses")
     if kind == PAIRED:
         example.add_pair(chosen, rejected)
         if example.desirable:
             example.desirable += [True, False]
+    elif kind == SCORED:
+        example.generations.append(completion)
+        example.scores.append(score)
     else:
         add_labelled_completion(example, completion, label)
 
@@ -89,13 +102,14 @@ def add_row(data: Dataset, fields: dict, where: str, split: str, test_fraction: 
 def row_kind(fields: dict, where: str) -> str:
     paired = "chosen" in fields or "rejected" in fields
     binary = "label" in fields
-    demonstration = "messages" in fields or ("completion" in fields and not binary)
-    if paired + binary + demonstration != 1:
-        problem = "has none" if not (paired or binary or demonstration) else "mixes more than one"
+    scored = "score" in fields
+    demonstration = "messages" in fields or ("completion" in fields and not binary and not scored)
+    if paired + binary + scored + demonstration != 1:
+        problem = "has none" if not (paired or binary or scored or demonstration) else "mixes more than one"
         raise DataError(f"{where}: row {problem} of the schemas paired ('chosen', 'rejected'), binary "
-                        f"('completion', 'label') and demonstration ('completion' without 'label', or "
-                        f"'messages'); expected exactly one")
-    return PAIRED if paired else BINARY if binary else DEMONSTRATION
+                        f"('completion', 'label'), scored ('completion', 'score') and demonstration ('completion' "
+                        f"without 'label' or 'score', or 'messages'); expected exactly one")
+    return PAIRED if paired else BINARY if binary else SCORED if scored else DEMONSTRATION
 
 
 def prompt_and_responses(fields: dict, names: tuple[str, ...], where: str) -> tuple[list[Message], list[str]]:
@@ -185,6 +199,12 @@ def require_label(label: Any, where: str) -> bool:
     raise DataError(f"{where}: field 'label' is {label!r}; expected true/false or 1/0")
 
 
+def require_score(score: Any, where: str) -> float:
+    if isinstance(score, (int, float)) and not isinstance(score, bool) and math.isfinite(score):
+        return float(score)
+    raise DataError(f"{where}: field 'score' is {score!r}; expected a finite number")
+
+
 def is_held_out(prompt: list[Message], fraction: float) -> bool:
     """Whether a prompt belongs to the held-out test fraction: a hash of its text, so every run agrees."""
     digest = hashlib.blake2b(conversation_key(prompt).encode(), digest_size=8).digest()
@@ -203,4 +223,6 @@ def add_labelled_completion(example: Example, completion: str, desirable: bool) 
 def sft_index(example: Example) -> Optional[int]:
     if example.pairs:
         return example.pairs[0][0]
+    if example.scores:
+        return max(range(example.num_generations()), key=example.scores.__getitem__)
     return next((index for index, desirable in enumerate(example.desirable) if desirable), None)

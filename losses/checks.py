@@ -19,6 +19,7 @@ class Rule(NamedTuple):
 
 POSITIVE = Rule("> 0", lambda value: value > 0)
 NONNEGATIVE = Rule(">= 0", lambda value: value >= 0)
+NONPOSITIVE = Rule("<= 0", lambda value: value <= 0)
 UNIT_INTERVAL = Rule("in [0, 1]", lambda value: 0 <= value <= 1)
 HALF_OPEN_HALF = Rule("in [0, 0.5)", lambda value: 0 <= value < 0.5)  # robust DPO divides by 1 - 2ε
 CLOSED_HALF = Rule("in [0, 0.5]", lambda value: 0 <= value <= 0.5)

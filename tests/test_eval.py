@@ -79,7 +79,9 @@ def test_sample_file_has_the_test_prompts_their_targets_and_nothing_else(run_dir
         ("sample", "tiny", N_SAMPLES)
     samples = content["samples"]
     assert len(samples) == N_SAMPLES  # not rounded up to whole batches of eval_batch_size=8
-    assert all(set(s) == {"prompt", "chosen", "policy"} and isinstance(s["policy"], str) for s in samples)
+    assert all(set(s) == set(eval_py.SAMPLE_KEYS) and isinstance(s["policy"], str) for s in samples)
+    assert [(s["prompt_id"], s["sample_index"]) for s in samples] == [(k, 0) for k in range(N_SAMPLES)]
+    assert all(s["prompt_messages"][-1]["role"] == "user" for s in samples)
     assert any(s["policy"] for s in samples)
 
     # The same prompts, in the same order, as the SFT loader gives for the test split with the run's seed.
@@ -321,3 +323,33 @@ def test_a_copied_run_directory_is_evaluated_from_its_own_files(run_dir, cli_sam
     with pytest.raises(HalosError, match=f"{copy / 'LATEST'}"):
         run_eval(copy, *SAMPLE, f"++samples_dir={tmp_path / 'b'}")
 
+
+
+def test_several_samples_per_prompt_in_one_call_resume_exactly(run_dir, tmp_path, monkeypatch):
+    args = ("++mode=sample", "++n_samples=4", SHORT, "++model.eval_batch_size=2", "++num_samples_per_prompt=3",
+            "++sample_split=train", "++sampler=hf")
+    sizes = count_generated_rows(monkeypatch)
+    whole = read_samples(run_eval(run_dir, *args, f"++samples_dir={tmp_path / 'whole'}"))
+    assert sizes == [2, 2]  # one generate call per batch of prompts, each prompt drawn 3 times in it
+    assert [(s["prompt_id"], s["sample_index"]) for s in whole] == [(p, k) for p in range(4) for k in range(3)]
+    assert all(len({s["prompt"] for s in whole[3 * p:3 * p + 3]}) == 1 for p in range(4))
+    assert all(s["prompt_messages"] and s["prompt_messages"][-1]["role"] == "user" for s in whole)
+    assert len({s["policy"] for s in whole}) > 4  # the samples of one prompt are separate draws
+    count_generated_rows(monkeypatch, fail_after_batches=1)
+    with pytest.raises(Interrupted):
+        run_eval(run_dir, *args, f"++samples_dir={tmp_path / 'resumed'}")
+    count_generated_rows(monkeypatch)
+    assert read_samples(run_eval(run_dir, *args, f"++samples_dir={tmp_path / 'resumed'}")) == whole
+
+
+def test_vllm_sampling_where_it_can_run(run_dir, tmp_path):
+    from vllm_sampling import vllm_unavailable
+
+    if vllm_unavailable():
+        with pytest.raises(HalosError, match="sampler=vllm: .*use sampler=hf"):
+            run_eval(run_dir, "++mode=sample", "++n_samples=2", SHORT, "++sampler=vllm",
+                     f"++samples_dir={tmp_path}")
+        pytest.skip(f"vLLM sampling not tested: {vllm_unavailable()}")
+    samples = read_samples(run_eval(run_dir, "++mode=sample", "++n_samples=2", SHORT, "++sampler=vllm",
+                                    "++num_samples_per_prompt=2", f"++samples_dir={tmp_path}"))
+    assert [(s["prompt_id"], s["sample_index"]) for s in samples] == [(0, 0), (0, 1), (1, 0), (1, 1)]
