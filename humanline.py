@@ -57,6 +57,9 @@ def config_problems(trainer_name: str, capable: bool, config: DictConfig) -> Lis
         return [f"loss.humanline: {trainer_name} offers no humanline variant (DPO and KTO do)"]
     problems = [f"loss.{key}: {problem}" for key, rule in RULES.items()
                 if (problem := losses.rule_problem(rule, config.loss.get(key)))]
+    if config.model.get("use_peft") is True:
+        problems.append("model.use_peft: humanline re-syncs a reference model of its own to the policy; a LoRA run's "
+                        "reference is the policy with its adapters disabled; use one or the other")
     if config.cache_reference_logprobs is True:
         problems.append("cache_reference_logprobs: humanline re-syncs the reference model to the policy, so its "
                         "log-probs change and cannot be cached")

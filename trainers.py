@@ -451,6 +451,14 @@ class BradleyTerryTrainer(PairedPreferenceTrainer):
     trains_reward_model = True
 
     @classmethod
+    def config_problems(cls, config: DictConfig) -> List[str]:
+        problems = super().config_problems(config)
+        if config.model.get("use_peft") is True:
+            problems.append("model.use_peft: loss=bradley-terry trains and exports a whole reward model; set "
+                            "model.use_peft=false")
+        return problems
+
+    @classmethod
     def wrap_policy(cls, policy: torch.nn.Module) -> torch.nn.Module:
         return RewardModel(policy)
 

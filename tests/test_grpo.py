@@ -11,8 +11,10 @@ from typing import List
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
 
 import distributed
+import lora
 import distributed_worker as worker
 from crash_resume import crash_and_resume
 from dataloader import DataSpec, LoaderOptions, ScoredGroupDataLoader
@@ -135,3 +137,26 @@ def test_grpo_token_mean_is_invariant_to_accumulation_and_processes(tmp_path):
         assert max(differences.values()) <= 1e-5, (other.name, differences)
     initial, final = worker.tiny_model().state_dict(), read_policy_state(one / "LATEST")
     assert max((final[k] - initial[k]).abs().max().item() for k in final) > 1e-3  # the runs did train
+
+
+def test_grpo_with_shared_prompts_equals_grpo_without(tmp_path):
+    """A group's responses share their prompt, so with share_prompts each step runs every prompt once; the recorded
+    runs agree within the same float64 slack as the other shared-prompt runs (tests/test_shared_prompts.py)."""
+    data_dir = write_scored_dataset(tmp_path / "scored")
+    overrides = grpo_recorded_overrides(data_dir, "n_examples=8", "model.batch_size=4", "do_first_eval=false")
+    unshared = worker.run_recorded("grpo", "unshared", tmp_path, [*overrides, "share_prompts=false"]).parent
+    shared = worker.run_recorded("grpo", "shared", tmp_path, [*overrides, "share_prompts=true"]).parent
+    differences = worker.compare_runs(unshared, shared)
+    assert differences.pop("steps") == 2
+    assert max(differences.values()) <= 1e-5, differences
+
+
+def test_grpo_trains_lora_adapters_against_the_adapter_free_reference(tmp_path):
+    data_dir = write_scored_dataset(tmp_path / "scored")
+    overrides = grpo_recorded_overrides(data_dir, "n_examples=8", "model.batch_size=4", "++model.use_peft=true")
+    latest = worker.run_recorded("grpo", "lora", tmp_path, overrides)
+    adapters = load_file(latest / lora.ADAPTER_DIR / lora.ADAPTER_WEIGHTS)
+    # B starts at 0, so only training moves it.
+    assert min(t.abs().max().item() for name, t in adapters.items() if "lora_B" in name) > 1e-5
+    steps = worker.read_steps(latest.parent)
+    assert len(steps) == 2 and all(math.isfinite(step["loss/train"]) for step in steps)

@@ -114,6 +114,8 @@ def test_a_resumable_humanline_checkpoint_holds_the_synced_reference(tmp_path):
     ("dpo", ("loss.humanline=true", "loss.trainer=IPOTrainer", "++loss.tau=0.1"),
      "loss.humanline: IPOTrainer offers no humanline variant"),
     ("ipo", ("++loss.humanline=true",), "loss.humanline: unknown key"),
+    ("kto", ("loss.humanline=true", "++model.use_peft=true"),
+     "model.use_peft: humanline re-syncs a reference model of its own to the policy"),
 ])
 def test_bad_humanline_settings_are_one_line_errors(loss, overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

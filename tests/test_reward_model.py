@@ -150,3 +150,14 @@ def test_a_reward_model_run_resumes_bitwise(known_reward_run, tmp_path, monkeypa
     assert resumed_from == 48
     expected, actual = read_policy_state(uninterrupted), read_policy_state(resumed)
     assert all(torch.equal(actual[k], expected[k]) for k in expected)
+
+
+def test_a_lora_reward_model_is_a_one_line_config_error(tmp_path):
+    data_dir = tmp_path / "pairs"
+    data_dir.mkdir()
+    write_pairs(data_dir / "train.jsonl", 8, random.Random(0))
+    write_pairs(data_dir / "test.jsonl", 8, random.Random(1))
+    with pytest.raises(ConfigError, match=r"^invalid config: model.use_peft: loss=bradley-terry trains and exports a whole reward "
+                                          r"model; set model.use_peft=false$"):
+        train(compose_run(tmp_path, data_dir, "rm", "++model.use_peft=true"), "bradley-terry")
+    assert not (tmp_path / "rm").exists()
