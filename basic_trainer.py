@@ -18,6 +18,7 @@ import checkpoints
 import dataloader
 import distributed
 import logps
+import lora
 import losses
 from checkpointer import Checkpointer, TrainingState
 from checkpoints import POLICY
@@ -107,9 +108,11 @@ class BasicTrainer:
         return cls.requires_reference_model and cls.reference_logps_cacheable and not cls.token_level_logps
 
     @classmethod
-    def wrap_policy(cls, policy: torch.nn.Module) -> torch.nn.Module:
-        """The module trained as the policy, built around the loaded causal LM (PPO adds a value head)."""
-        return policy
+    def wrap_policy(cls, policy: torch.nn.Module, adapt: lora.Adapt) -> torch.nn.Module:
+        """The module trained as the policy, built around the loaded causal LM (PPO adds a value head), with LoRA
+        adapters where it wants them: `adapt(model, task_type=...)` returns `model` adapted (with model.use_peft)
+        or as it is."""
+        return adapt(policy)
 
     def __init__(self, tokenizer, config: DictConfig, train_iterator, eval_iterator, policy: torch.nn.Module,
                  reference_model: Optional[torch.nn.Module] = None, rank: int = 0, world_size: int = 1,

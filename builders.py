@@ -1,4 +1,5 @@
 """Turning a validated config into the objects a run needs: tokenizer, dataloaders, models, wandb."""
+import functools
 import netrc
 import os
 from pathlib import Path
@@ -51,7 +52,7 @@ def build_train_and_eval_loaders(config: DictConfig, tokenizer) -> Tuple[dataloa
 
 
 def build_models(config: DictConfig, device: torch.device, vocab_size: int,
-                 wrap_policy: Callable[[torch.nn.Module], torch.nn.Module] = lambda policy: policy,
+                 wrap_policy: Callable[[torch.nn.Module, lora.Adapt], torch.nn.Module] = lambda lm, adapt: adapt(lm),
                  policy_weights: Optional[weights.Weights] = None) -> Tuple[torch.nn.Module, Optional[Callable]]:
     """Policy and (if the loss uses one) reference model, both starting from model.load_from when it is set (any
     location weights.py reads: a policy.pt, a checkpoint directory, a Hugging Face model or LoRA adapter directory).
@@ -59,7 +60,8 @@ def build_models(config: DictConfig, device: torch.device, vocab_size: int,
     `policy_weights` gives the policy other weights than load_from's (eval.py: saved_policy). Embeddings grow to
     `vocab_size` (the tokenizer's length, which includes any control tokens), so checkpoints of csft runs load into
     them. `wrap_policy` (the trainer's) builds the trained module around the causal LM, e.g. PPO's value head,
-    before sharding so that the head is sharded and synchronised too. With several processes the models are
+    and puts the LoRA adapters where that module wants them, before sharding so that the head is sharded and
+    synchronised too. With several processes the models are
     sharded with FSDP (distributed.shard_model); in one process they move to `device`. With
     cache_reference_logprobs the reference comes wrapped in a reference_cache.CachedReference.
 
@@ -90,10 +92,12 @@ def build_models(config: DictConfig, device: torch.device, vocab_size: int,
     # Hashed before sharding, while every process holds all the weights; with LoRA the reference is the base model.
     fingerprint = cache_fingerprint(config, reference if reference is not None else policy) \
         if uses_reference and config.cache_reference_logprobs else None
+    adapt: lora.Adapt = lora.no_adapters
     if adapted:
         base_name = str(start.path) if start is not None else str(config.model.name_or_path)
-        policy = lora.add_adapters(policy, config.model, adapters_to_load(config, policy_weights, start), base_name)
-    policy = wrap_policy(policy)
+        adapt = functools.partial(lora.add_adapters, model_config=config.model, base_name=base_name,
+                                  adapters=adapters_to_load(config, policy_weights, start))
+    policy = wrap_policy(policy, adapt)
     for model in filter(None, (policy, reference)):
         if world_size() > 1:
             # Sharding also moves the weights to this process's device, block by block.

@@ -17,6 +17,7 @@ import lora
 import weights
 from checkpoints import LATEST, OPTIMIZER, POLICY, REFERENCE, SCHEDULER, TRAINER_STATE, CheckpointError, save_checkpoint
 from console import say
+from models import is_sequence_classifier
 
 KINDS = ("intermediate", "resumable", "final")
 RESUME_ONLY = (REFERENCE,)  # weights a resumed run needs that are no result of it (humanline's synced reference)
@@ -109,9 +110,12 @@ class Checkpointer:
     def export_merged(self, directory: Path) -> None:
         """Exports the adapters written to `directory`, merged into the run's base model, as a Hugging Face model
         there. The base is rebuilt on the CPU as training built it (model.load_from or model.name_or_path, the same
-        seed; in full precision for QLoRA), so that vLLM or AutoModelForCausalLM serve the trained policy."""
+        seed; in full precision for QLoRA), so that vLLM or AutoModelForCausalLM serve the trained policy (a reward
+        model's: AutoModelForSequenceClassification)."""
         with torch.random.fork_rng(devices=[]):  # a resumed run must find the generators as this run leaves them
             merged = weights.merge_into_base(directory, self.config, len(self.tokenizer))
+        if is_sequence_classifier(merged):  # a reward model pools at the last token that is not the pad token
+            merged.config.pad_token_id = self.tokenizer.pad_token_id
         checkpoints.export_hf(merged, merged.state_dict(), directory)
 
     def write_or_explain(self, directory: Path, write, step: int) -> None:

@@ -264,16 +264,26 @@ def _check_weights(config: DictConfig, invocation: Invocation) -> List[str]:
             problems.append(str(e))
             continue
         wanted = _wanted_weights(config, key)
-        if located is not None and wanted is not None and located.format.holds_reward_model != wanted:
-            found = "a reward model (a sequence classifier)" if located.format.holds_reward_model else "a causal LM"
+        if located is not None and wanted is not None and located.holds_reward_model != wanted:
+            found = "a reward model (a sequence classifier)" if located.holds_reward_model else "a causal LM"
             use = "reward models score samples with label.py" if not wanted else "it needs a reward model"
             problems.append(f"{key}: {located.path} holds {found}, which this run cannot use ({use})")
     return problems
 
 
 def _check_lora(config: DictConfig, invocation: Invocation) -> List[str]:
-    """model.use_peft, model.peft and model.load_lora_from (lora.py)."""
-    return lora.config_problems(config, invocation.n_processes)
+    """model.use_peft, model.peft and model.load_lora_from (lora.py): the adapters it names are for the kind of
+    model the run trains (a reward model's for loss=bradley-terry, a causal LM's otherwise)."""
+    problems = lora.config_problems(config, invocation.n_processes)
+    wanted = _wanted_weights(config, "saved_policy")  # adapters are of the trained model, as saved_policy is
+    if problems or not lora.uses_peft(config.model) or config.model.load_lora_from is None or wanted is None:
+        return problems
+    adapters = lora.locate_adapters(str(config.model.load_lora_from), config.cache_dir)
+    try:
+        lora.check_task_type(adapters, lora.SEQ_CLS if wanted else lora.CAUSAL_LM)
+    except lora.AdapterError as e:
+        return [f"model.load_lora_from: {e}"]
+    return []
 
 
 def _wanted_weights(config: DictConfig, key: str) -> Optional[bool]:

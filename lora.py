@@ -4,14 +4,17 @@ disabled (docs/lora.md).
 With model.use_peft the policy is the causal LM with LoRA adapters on its linear layers (model.peft) and only the
 adapters train. The reference model is then no second copy of the weights but an `AdapterFreeReference`: the policy
 run under peft's `disable_adapter()` without gradients, which computes exactly what the base model computes.
+A reward model (loss=bradley-terry) carries its adapters on the sequence classifier (peft's SEQ_CLS task), so that
+its score head trains whole beside them and is saved with them.
 Checkpoints hold the adapters in peft's own layout (adapter/adapter_config.json + adapter/adapter_model.safetensors,
 loadable by `PeftModel.from_pretrained`); the Checkpointer writes them and, in the final checkpoint, a merged model.
 QLoRA (model.peft.load_in_4bit) loads the base model in 4 bits with bitsandbytes, on one CUDA GPU.
 """
 import importlib.util
+import json
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -32,6 +35,10 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 # adapters to apply on top of that model, so beside a merged export they would be applied twice.
 ADAPTER_DIR = "adapter"
 ALL_LINEAR = "all-linear"  # peft's shorthand: every linear layer but the output head
+# peft's task types: adapters on a causal LM, or on a sequence classifier (a reward model), whose score head then
+# trains whole and is saved with the adapters (peft adds it to modules_to_save).
+CAUSAL_LM, SEQ_CLS = "CAUSAL_LM", "SEQ_CLS"
+TASK_MODELS = {CAUSAL_LM: "a causal LM", SEQ_CLS: "a reward model (a sequence classifier, loss=bradley-terry)"}
 NUMBER_RULES = {"r": losses.POSITIVE_INT, "alpha": losses.POSITIVE,
                 "dropout": losses.Rule("in [0, 1)", lambda value: 0 <= value < 1)}
 
@@ -161,23 +168,34 @@ def without_quantization(model_config: DictConfig) -> DictConfig:
 # --- building --------------------------------------------------------------------------------------------------
 
 
-def lora_config(model_config: DictConfig, base_name: str) -> "peft.LoraConfig":
+Adapt = Callable[..., torch.nn.Module]  # adapt(model, task_type=CAUSAL_LM): the module that trains, adapted or not
+
+
+def no_adapters(model: torch.nn.Module, task_type: str = CAUSAL_LM) -> torch.nn.Module:
+    """The Adapt of a run without LoRA: the model trains whole."""
+    return model
+
+
+def lora_config(model_config: DictConfig, base_name: str, task_type: str) -> "peft.LoraConfig":
     settings = model_config.peft
     target_modules = settings.target_modules
     return peft.LoraConfig(
-        task_type="CAUSAL_LM", r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+        task_type=task_type, r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
         target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
         modules_to_save=None if settings.modules_to_save is None else list(settings.modules_to_save),
         base_model_name_or_path=base_name)
 
 
-def add_adapters(model: torch.nn.Module, model_config: DictConfig, adapters: Optional[Path],
-                 base_name: str) -> torch.nn.Module:
-    """The peft model training LoRA adapters on `model`: the ones saved in `adapters` (model.load_lora_from, a
-    checkpoint being evaluated), else new ones as model.peft describes (B = 0, so it starts as the base model).
+def add_adapters(model: torch.nn.Module, model_config: DictConfig, adapters: Optional[Path], base_name: str,
+                 task_type: str = CAUSAL_LM) -> torch.nn.Module:
+    """The peft model training LoRA adapters on `model` (a causal LM, or a sequence classifier for SEQ_CLS): the
+    ones saved in `adapters` (model.load_lora_from, a checkpoint being evaluated), else new ones as model.peft
+    describes (B = 0, so it starts as the base model).
 
     `base_name` says where the base weights come from; it is recorded in adapter_config.json.
     """
+    if adapters is not None:
+        check_task_type(adapters, task_type)
     if model_config.peft.load_in_4bit:
         # Upcasts the unquantized parameters (norms, embeddings) to float32 for stable training, as QLoRA does.
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -187,15 +205,33 @@ def add_adapters(model: torch.nn.Module, model_config: DictConfig, adapters: Opt
         if adapters is not None:
             adapted = peft.PeftModel.from_pretrained(model, str(adapters), is_trainable=True)
         else:
-            adapted = peft.get_peft_model(model, lora_config(model_config, base_name))
+            adapted = peft.get_peft_model(model, lora_config(model_config, base_name, task_type))
     trainable, total = parameter_counts(adapted)
     rank0_print(f"LoRA: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)"
         + (f", adapters from {adapters}" if adapters is not None else ""))
     return adapted
 
 
+def adapter_task_type(adapters: Path) -> str:
+    """The peft task type adapter_config.json in `adapters` records (CAUSAL_LM when it records none)."""
+    try:
+        recorded = json.loads((adapters / ADAPTER_CONFIG).read_text()).get("task_type")
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{adapters / ADAPTER_CONFIG}: not a readable adapter config ({e})") from None
+    return recorded or CAUSAL_LM
+
+
+def check_task_type(adapters: Path, task_type: str) -> None:
+    """Raises AdapterError when the adapters saved in `adapters` are for another kind of model than `task_type`."""
+    saved = adapter_task_type(adapters)
+    if saved != task_type:
+        raise AdapterError(f"{adapters}: these adapters are for {TASK_MODELS.get(saved, saved)}, but this run trains "
+                           f"{TASK_MODELS[task_type]}")
+
+
 def merge_adapters(model: torch.nn.Module, adapters: Path) -> torch.nn.Module:
-    """`model` with the adapters saved in `adapters` merged into its weights: a plain causal LM again."""
+    """`model` with the adapters saved in `adapters` merged into its weights: a plain causal LM (or sequence
+    classifier) again."""
     if peft is None:
         raise AdapterError(f"{adapters} holds LoRA adapters; loading them needs the peft package: "
                            "pip install peft==0.21.2 (the `peft` extra)")

@@ -13,7 +13,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 
 from errors import HalosError
 from hub import hub_reachable
-from lora import quantization_options
+from lora import is_adapted, quantization_options
 from utils import disable_dropout, pack_rows
 
 
@@ -216,12 +216,19 @@ class RewardModel(torch.nn.Module):
         torch.nn.init.normal_(classifier.score.weight, std=getattr(config, "initializer_range", 0.02))
         return classifier
 
+    @property
+    def sequence_classifier(self) -> PreTrainedModel:
+        """The Hugging Face classifier; with LoRA, the one inside peft's model (its layers carry the adapters)."""
+        return self.classifier.get_base_model() if is_adapted(self.classifier) else self.classifier
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pack: bool = False) -> torch.Tensor:
-        """(N,) float32 scores of (N, T) right-padded rows, read at each row's last non-pad token."""
-        pad_token_id = self.classifier.config.pad_token_id
+        """(N,) scores of (N, T) right-padded rows, read at each row's last non-pad token: float32, or float64 for a
+        float64 model."""
+        classifier = self.sequence_classifier
+        pad_token_id = classifier.config.pad_token_id
         columns = torch.arange(input_ids.size(1), device=input_ids.device)
         last = ((input_ids != pad_token_id) * columns).argmax(1)  # the column Hugging Face pools at
-        backbone = getattr(self.classifier, self.classifier.base_model_prefix)
+        backbone = getattr(classifier, classifier.base_model_prefix)
         packed = pack_rows(input_ids, attention_mask, input_ids, pad_token_id) if pack else None
         if packed is None:
             hidden = backbone(input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
@@ -234,4 +241,5 @@ class RewardModel(torch.nn.Module):
             flat[keys] = torch.arange(keys.numel(), device=input_ids.device)
             rows = torch.arange(input_ids.size(0), device=input_ids.device)
             pooled = hidden.reshape(-1, hidden.size(-1))[flat[rows * input_ids.size(1) + last]]
-        return self.classifier.score(pooled).squeeze(-1).float()
+        scores = classifier.score(pooled).squeeze(-1)
+        return scores.to(torch.promote_types(scores.dtype, torch.float32))

@@ -6,6 +6,7 @@ import torch
 
 import dataloader
 import distributed
+import lora
 import losses
 from basic_trainer import BasicTrainer, Metrics
 from checkpoints import POLICY, V_HEAD
@@ -37,8 +38,8 @@ class PPOTrainer(BasicTrainer):
                        "gamma": losses.UNIT_INTERVAL, "critic_coef": losses.NONNEGATIVE, "KL_coef": losses.NONNEGATIVE}
 
     @classmethod
-    def wrap_policy(cls, policy: torch.nn.Module) -> torch.nn.Module:
-        return CausalLMWithValueHead(policy)
+    def wrap_policy(cls, policy: torch.nn.Module, adapt: lora.Adapt) -> torch.nn.Module:
+        return CausalLMWithValueHead(adapt(policy))
 
     def token_forward(self, model: torch.nn.Module, batch: Dict):
         """Token log-probs (B, T-1), response mask (B, T-1), logits (B, T-1, V) and values (B, T-1) or None."""

@@ -98,8 +98,12 @@ def train(config: DictConfig, loss_choice: str, search_dirs: Sequence[str] = (),
         import wandb
 
         wandb.finish()
-    distributed.rank0_print(f"next: python eval.py --config-path={run_dir} ++mode=sample  (samples the policy; "
-                            "docs/evaluation.md)")
+    if trainer_cls.trains_reward_model:
+        distributed.rank0_print(f"next: python label.py -f SAMPLES.json -o DATA_DIR --reward_model {checkpoint_dir}  "
+                                "(labels samples with the reward model; docs/online.md)")
+    else:
+        distributed.rank0_print(f"next: python eval.py --config-path={run_dir} ++mode=sample  (samples the policy; "
+                                "docs/evaluation.md)")
     return checkpoint_dir
 
 

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 import dataloader
 import distributed
 import humanline
+import lora
 import losses
 from basic_trainer import BasicTrainer, Metrics, TrainingError, TrainingInterrupted  # noqa: F401 (trainer names)
 from checkpoints import POLICY, REFERENCE
@@ -451,16 +452,11 @@ class BradleyTerryTrainer(PairedPreferenceTrainer):
     trains_reward_model = True
 
     @classmethod
-    def config_problems(cls, config: DictConfig) -> List[str]:
-        problems = super().config_problems(config)
-        if config.model.get("use_peft") is True:
-            problems.append("model.use_peft: loss=bradley-terry trains and exports a whole reward model; set "
-                            "model.use_peft=false")
-        return problems
-
-    @classmethod
-    def wrap_policy(cls, policy: torch.nn.Module) -> torch.nn.Module:
-        return RewardModel(policy)
+    def wrap_policy(cls, policy: torch.nn.Module, adapt: lora.Adapt) -> torch.nn.Module:
+        # With LoRA the classifier carries the adapters, and its score head trains whole beside them.
+        reward_model = RewardModel(policy)
+        reward_model.classifier = adapt(reward_model.classifier, task_type=lora.SEQ_CLS)
+        return reward_model
 
     def __init__(self, tokenizer, config: DictConfig, *args, **kwargs):
         super().__init__(tokenizer, config, *args, **kwargs)

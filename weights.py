@@ -9,7 +9,7 @@ A path may name
 * a Hugging Face sequence-classification directory: an exported reward model (loss=bradley-terry), loaded as one;
 * a LoRA adapter directory (adapter_config.json + adapter_model.safetensors), or a checkpoint directory holding one
   in adapter/ (a LoRA run's checkpoint before the final one, lora.py). It holds differences from a base model, which
-  the caller names.
+  the caller names; a LoRA reward model's adapters (peft's SEQ_CLS task) build a sequence classifier.
 Each kind is a WeightFormat in FORMATS, tried in order (so a finished LoRA run's LATEST, which holds its adapters and
 their merged model, reads as the merged model); supporting another kind is one more WeightFormat there.
 """
@@ -23,8 +23,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from checkpoints import POLICY, CheckpointError, is_hf_model_dir, load_checkpoint, load_weights
-from lora import ADAPTER_WEIGHTS, adapter_location, merge_adapters, without_quantization
-from models import from_pretrained, grow_embeddings, load_causal_lm, model_kwargs, trusts_remote_code
+from lora import ADAPTER_WEIGHTS, SEQ_CLS, adapter_location, adapter_task_type, merge_adapters, without_quantization
+from models import (RewardModel, from_pretrained, grow_embeddings, is_sequence_classifier, load_causal_lm, model_kwargs,
+                    trusts_remote_code)
 from utils import disable_dropout
 from resolve import candidate_paths
 
@@ -33,7 +34,10 @@ class WeightFormat:
     """One kind of weights location. Subclasses implement the three methods."""
 
     description = ""  # for error messages: "a policy.pt ..."
-    holds_reward_model = False  # what it builds: a causal LM, or a reward model (a sequence classifier)
+
+    def holds_reward_model(self, found: Path) -> bool:
+        """What `found` builds: a reward model (a sequence classifier), or a causal LM."""
+        return False
 
     def find(self, path: Path) -> Optional[Path]:
         """The file or directory this format reads for a user's `path`, or None if `path` is not of this kind."""
@@ -41,9 +45,9 @@ class WeightFormat:
 
     def build(self, found: Path, model_config: DictConfig, dtype: str, seed: int, vocab_size: int, key: str,
               base: Optional["Weights"]) -> PreTrainedModel:
-        """The causal LM with these weights, its embeddings at least `vocab_size` rows (models.grow_embeddings);
-        errors name the config `key` the weights came from. Formats that hold differences (adapters) apply them to
-        `base`, or to model.name_or_path's model when it is None; the others ignore it."""
+        """The causal LM (or reward model) with these weights, its embeddings at least `vocab_size` rows
+        (models.grow_embeddings); errors name the config `key` the weights came from. Formats that hold differences
+        (adapters) apply them to `base`, or to model.name_or_path's model when it is None; the others ignore it."""
         raise NotImplementedError
 
     def state_dict(self, found: Path, model_config: Optional[DictConfig]) -> Dict[str, torch.Tensor]:
@@ -95,16 +99,22 @@ class HuggingFaceDirectory(WeightFormat):
 
 
 class AdapterDirectory(WeightFormat):
-    """LoRA adapters, merged into the base model (peft's merge_and_unload) to give a plain causal LM."""
+    """LoRA adapters, merged into the base model (peft's merge_and_unload) to give a plain causal LM; a reward
+    model's (peft's SEQ_CLS task) give a sequence classifier, its score head saved with the adapters."""
 
     description = "a LoRA adapter directory (adapter_config.json + adapter_model.safetensors, or adapter/ holding them)"
 
     def find(self, path: Path) -> Optional[Path]:
         return directory_or_implied(path, lambda directory: adapter_location(directory) is not None)
 
+    def holds_reward_model(self, found: Path) -> bool:
+        return adapter_task_type(adapter_location(found)) == SEQ_CLS
+
     def build(self, found, model_config, dtype, seed, vocab_size, key, base):
         # Merged into full-precision weights: a QLoRA run's adapters too, as QLoRA's authors merge them.
         model = load_model(base, without_quantization(model_config), dtype, seed, vocab_size)
+        if self.holds_reward_model(found) and not is_sequence_classifier(model):
+            model = RewardModel.classifier_from(model)  # the head it draws is replaced by the saved one
         return merge_adapters(model, adapter_location(found))
 
     def state_dict(self, found, model_config):
@@ -128,7 +138,9 @@ class SequenceClassifierDirectory(WeightFormat):
     architecture): a reward model, built as one."""
 
     description = "a Hugging Face sequence-classification (reward model) directory"
-    holds_reward_model = True
+
+    def holds_reward_model(self, found: Path) -> bool:
+        return True
 
     def find(self, path: Path) -> Optional[Path]:
         return path if is_sequence_classifier_dir(path) else None
@@ -166,6 +178,10 @@ class Weights(NamedTuple):
     format: WeightFormat
     path: Path
     key: str
+
+    @property
+    def holds_reward_model(self) -> bool:
+        return self.format.holds_reward_model(self.path)
 
     @property
     def directory(self) -> Path:

@@ -1,9 +1,9 @@
 """Helpers that tests/test_distributed.py runs inside training processes (one, or several under a process group).
 
 The trainers here are the framework's own with two observers added: every logged optimizer step's metrics are
-appended, unrounded, to <run_dir>/steps.jsonl, and the saved policy's logits on a fixed probe are written beside the
-checkpoint. They are selected like any user trainer: `loss.trainer=distributed_worker.RecordingDPOTrainer` (with
-tests/ on PYTHONPATH). `python tests/distributed_worker.py RUN_DIR RUN_DIR` prints how far two recorded runs differ.
+appended, unrounded, to <run_dir>/steps.jsonl, and the saved policy's logits (a reward model's scores) on a fixed
+probe are written beside the checkpoint. They are selected like any user trainer:
+`loss.trainer=distributed_worker.RecordingDPOTrainer` (with tests/ on PYTHONPATH). `python tests/distributed_worker.py RUN_DIR RUN_DIR` prints how far two recorded runs differ.
 """
 import json
 import sys
@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import distributed
 import trainers
+from models import RewardModel
 from train import train
 from utils import REPO_ROOT
 from weights import read_policy_state
@@ -40,10 +41,13 @@ class StepRecorder:
     def save_checkpoint(self, kind: str) -> Path:
         output_dir = super().save_checkpoint(kind)
         self.policy.eval()
+        probe = PROBE_IDS.to(self.device)
         with torch.no_grad():  # every rank takes part: a sharded forward gathers each block's weights
-            logits = self.policy(PROBE_IDS.to(self.device), use_cache=False).logits
+            # A reward model's probe is its (3,) scores; a causal LM's its logits.
+            output = self.policy(probe, torch.ones_like(probe)) if isinstance(self.policy, RewardModel) else \
+                self.policy(probe, use_cache=False).logits
         if self.is_main:
-            torch.save(logits.cpu(), output_dir / PROBE_FILE)
+            torch.save(output.cpu(), output_dir / PROBE_FILE)
         return output_dir
 
 

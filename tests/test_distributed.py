@@ -35,6 +35,8 @@ MIXED_PRECISION_RUN = ("sft", "sft-bf16", ("model.fsdp_policy_mp=bfloat16", "mod
 # which change nothing but memory. lr=1e-3: LoRA's B starts at 0 and must move well beyond the tolerances.
 LORA = ("model.use_peft=true", "model.peft.r=4", "lr=1e-3")
 LORA_RUNS = {"dpo": ("model.activation_checkpointing=true",), "kto": ("cache_reference_logprobs=true",)}
+# Bradley-Terry reward models, whole and with LoRA (adapters on the classifier, its score head trained whole).
+REWARD_MODEL_RUNS = {"bradley-terry": (), "bradley-terry-lora": LORA}
 # The recorded runs compute in float64 (worker.recorded_run_overrides), so summing in another order (1 vs 2 processes,
 # other micro-batches, other packing) changes values by ~1e-13 relative; the slack is many orders above that, and
 # stays so on any CPU. (In float32 a loss such as sppo-hard, whose derivative in the summed log-ratio is ~10, turns
@@ -48,6 +50,7 @@ def two_process_dir(tmp_path_factory):
     cache_dir = tmp_path_factory.mktemp("two_processes")
     runs = [(loss, f"{loss}-2", ()) for loss in TWO_PROCESS_LOSSES] + [MIXED_PRECISION_RUN]
     runs += [(loss, f"{loss}-lora-2", LORA + extra) for loss, extra in LORA_RUNS.items()]
+    runs += [("bradley-terry", f"{name}-2", extra) for name, extra in REWARD_MODEL_RUNS.items()]
     distributed.spawn(worker.two_process_session, (cache_dir, runs), n_processes=2)
     return cache_dir
 
@@ -60,6 +63,8 @@ def one_process_dir(tmp_path_factory):
         worker.run_recorded(loss, f"{loss}-1", cache_dir)
     for loss in LORA_RUNS:
         worker.run_recorded(loss, f"{loss}-lora-1", cache_dir, LORA)
+    for name, extra in REWARD_MODEL_RUNS.items():
+        worker.run_recorded("bradley-terry", f"{name}-1", cache_dir, extra)
     return cache_dir
 
 
@@ -136,6 +141,26 @@ def test_lora_on_two_processes_matches_one(loss, one_process_dir, two_process_di
     for name in one_adapters:
         torch.testing.assert_close(two_adapters[name], one_adapters[name], rtol=0, atol=1e-5)
     assert min(t.abs().max().item() for name, t in two_adapters.items() if "lora_B" in name) > 1e-3
+
+
+@pytest.mark.parametrize("name", REWARD_MODEL_RUNS)
+def test_a_reward_model_on_two_processes_matches_one(name, one_process_dir, two_process_dir):
+    """Compared through the final sequence-classifier exports (a LoRA run's: merged); its probe scores, and a LoRA
+    run's adapters and score head, too."""
+    one_dir, two_dir = one_process_dir / f"{name}-1", two_process_dir / f"{name}-2"
+    assert_same_run(one_dir, two_dir)
+    one_scores, two_scores = (torch.load(d / "LATEST" / worker.PROBE_FILE) for d in (one_dir, two_dir))
+    assert one_scores.shape == (3,)
+    torch.testing.assert_close(two_scores, one_scores, **LOSS_TOLERANCE)
+    if not name.endswith("lora"):
+        final, initial = weights(two_dir), worker.tiny_model().state_dict()  # the backbone's names are the LM's
+        assert max((final[k] - initial[k]).abs().max().item() for k in final.keys() & initial.keys()) > 1e-3
+        return
+    one_adapters, two_adapters = (read_policy_state(d / "LATEST" / lora.ADAPTER_DIR) for d in (one_dir, two_dir))
+    assert one_adapters.keys() == two_adapters.keys() and any(k.endswith("score.weight") for k in one_adapters)
+    for key in one_adapters:
+        torch.testing.assert_close(two_adapters[key], one_adapters[key], rtol=0, atol=1e-5)
+    assert min(t.abs().max().item() for key, t in two_adapters.items() if "lora_B" in key) > 1e-3
 
 
 def test_a_sharded_lora_model_resumes_exactly_from_its_adapters_alone(two_process_dir):
