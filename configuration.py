@@ -274,16 +274,9 @@ def _check_weights(config: DictConfig, invocation: Invocation) -> List[str]:
 def _check_lora(config: DictConfig, invocation: Invocation) -> List[str]:
     """model.use_peft, model.peft and model.load_lora_from (lora.py): the adapters it names are for the kind of
     model the run trains (a reward model's for loss=bradley-terry, a causal LM's otherwise)."""
-    problems = lora.config_problems(config, invocation.n_processes)
     wanted = _wanted_weights(config, "saved_policy")  # adapters are of the trained model, as saved_policy is
-    if problems or not lora.uses_peft(config.model) or config.model.load_lora_from is None or wanted is None:
-        return problems
-    adapters = lora.locate_adapters(str(config.model.load_lora_from), config.cache_dir)
-    try:
-        lora.check_task_type(adapters, lora.SEQ_CLS if wanted else lora.CAUSAL_LM)
-    except lora.AdapterError as e:
-        return [f"model.load_lora_from: {e}"]
-    return []
+    task_type = None if wanted is None else lora.SEQ_CLS if wanted else lora.CAUSAL_LM
+    return lora.config_problems(config, invocation.n_processes, task_type)
 
 
 def _wanted_weights(config: DictConfig, key: str) -> Optional[bool]:

@@ -75,8 +75,9 @@ def adapted_model(module: torch.nn.Module) -> Optional[torch.nn.Module]:
 # --- config --------------------------------------------------------------------------------------------------
 
 
-def config_problems(config: DictConfig, n_processes: int) -> List[str]:
-    """`key: problem` lines for model.use_peft, model.peft and model.load_lora_from (before anything loads)."""
+def config_problems(config: DictConfig, n_processes: int, task_type: Optional[str]) -> List[str]:
+    """`key: problem` lines for model.use_peft, model.peft and model.load_lora_from (before anything loads); the
+    adapters load_lora_from names must be for `task_type` (the model the run trains; None: either)."""
     model = config.model
     if "use_peft" not in model:  # a run saved before LoRA existed
         return []
@@ -108,9 +109,14 @@ def config_problems(config: DictConfig, n_processes: int) -> List[str]:
                             "random ones")
     if model.load_lora_from is not None:
         try:
-            locate_adapters(str(model.load_lora_from), config.cache_dir)
+            adapters = locate_adapters(str(model.load_lora_from), config.cache_dir)
         except AdapterError as e:
-            problems.append(str(e))
+            return problems + [str(e)]
+        if task_type is not None:
+            try:
+                check_task_type(adapters, task_type)
+            except AdapterError as e:
+                problems.append(f"model.load_lora_from: {e}")
     return problems
 
 
